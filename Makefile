@@ -1,0 +1,31 @@
+# make run  — set up .venv and run the main job
+# make test — set up .venv and run ruff, mypy and the whole test suite
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint venv clean
+
+venv: $(STAMP)
+
+# torch first, pinned: the machine has 2.13.0 as a local CPU wheel. Installing it before the
+# package means pip sees `torch>=2.5` already satisfied and never resolves a CUDA build.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mistral7b tests
+	$(VENV)/bin/mypy mistral7b
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+run: $(STAMP)
+	$(VENV)/bin/mistral7b --help
+
+clean:
+	rm -rf $(VENV) build *.egg-info
