@@ -1,0 +1,191 @@
+"""RollingCache: the paper's rolling-buffer key/value cache, one row per sequence.
+
+Each row (sequence) of the cache has S slots per layer. With a sliding window W, S = W; without a
+window, S = the model's context length. The keys and values of position i live in slot i mod S,
+so once a sequence passes S positions each new token overwrites the one S positions older and the
+memory stops growing. Rows grow lazily up to S (doubling), so a short sequence does not pay for a
+full window.
+
+Worked example, W = S = 4, a prompt of 6 tokens pre-filled in chunks of 3, then one decode step:
+
+    chunk 1: positions 0 1 2 -> slots 0 1 2        buffer [p0 p1 p2 --]
+    chunk 2: positions 3 4 5 -> slots 3 0 1        writing first would overwrite p0 and p1,
+             which query p3 still needs, so attend first over buffer ++ chunk:
+             keys [p0 p1 p2 --] ++ [p3 p4 p5]; query p5 may see 5 - 4 < j <= 5: p2 p3 p4 p5
+             then write:                          buffer [p4 p5 p2 p3]
+    decode:  position 6 -> slot 6 mod 4 = 2        write first (p2 is outside 6's window):
+                                                   buffer [p4 p5 p6 p3], keys p3 p4 p5 p6
+
+Which position sits in slot s of a row that has seen `end` positions? The newest position
+congruent to s modulo S: pos(s) = end - 1 - ((end - 1 - s) mod S); the slot is empty when that
+is negative. With end = 7 and S = 4: slots 0 1 2 3 hold 4 5 6 3. The attention mask is built from
+these positions, so the buffer never needs to be re-ordered ("unrotated") in time order: softmax
+does not care about the order of its keys, only about which keys are allowed.
+
+A step either writes the new keys first and attends over the buffer (decode, or any chunk that
+overwrites nothing still needed), or attends over buffer ++ chunk and writes afterwards (a chunk
+that wraps around the buffer during chunked pre-fill).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mistral7b.config import ModelConfig
+from mistral7b.errors import ContextLengthError
+
+_INITIAL_SLOTS = 256
+
+
+@dataclass
+class CacheStep:
+    """Index arithmetic for one forward pass over `rows`, shared by every layer."""
+
+    rows: torch.Tensor          # (B,) cache rows taking part
+    contiguous: bool            # rows == start..start+B-1: read the buffer as a view, no gather
+    positions: torch.Tensor     # (B, T) absolute position of each new token (padding included)
+    n_new: list[int]            # valid new tokens per row; the rest of T is padding
+    write_first: bool           # write new k/v before attending (see module docstring)
+    mask: torch.Tensor          # (B, 1, T, keys) bool, True where a query may attend a key
+    write_b: torch.Tensor       # (N,) batch index of each (row, token) to store
+    write_t: torch.Tensor       # (N,) token index within the chunk
+    write_slot: torch.Tensor    # (N,) destination slot
+
+
+class RollingCache:
+    """Key/value buffers of shape (n_layers, rows, slots, n_kv_heads, head_dim)."""
+
+    def __init__(self, config: ModelConfig, rows: int = 1, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", max_slots: int | None = None) -> None:
+        self.config = config
+        self.window = config.sliding_window
+        # Without a window the cache must hold the whole sequence, so its size is the limit.
+        self.max_slots = max_slots or config.cache_size
+        if self.window is not None:
+            self.max_slots = min(self.max_slots, self.window)
+        self.lengths = [0] * rows  # positions seen by each row
+        slots = min(_INITIAL_SLOTS, self.max_slots)
+        shape = (config.n_layers, rows, slots, config.n_kv_heads, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def rows(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def reset(self, row: int) -> None:
+        """Make a row empty for a new sequence. Old contents stay but are masked out: a slot is
+        only visible at a position the new sequence has written."""
+        self.lengths[row] = 0
+
+    # ---- one forward pass ---------------------------------------------------------------
+
+    def begin(self, rows: list[int], n_new: list[int]) -> CacheStep:
+        """Plan a forward pass that appends n_new[b] tokens to row rows[b]."""
+        starts = [self.lengths[r] for r in rows]
+        ends = [p + n for p, n in zip(starts, n_new, strict=True)]
+        if self.window is None and max(ends) > self.max_slots:
+            worst = max(range(len(rows)), key=lambda b: ends[b])
+            raise ContextLengthError(
+                f"sequence of {ends[worst]} tokens ({starts[worst]} already processed + "
+                f"{n_new[worst]} new) exceeds the context length of {self.max_slots} tokens "
+                "(this model has no sliding window, so it cannot attend past its context)")
+        self._grow(max(ends))
+        S, T, W = self.slots, max(n_new), self.window
+        device = self.k.device
+        B = len(rows)
+
+        p = torch.tensor(starts, device=device)[:, None]                 # (B, 1)
+        n = torch.tensor(n_new, device=device)[:, None]                  # (B, 1)
+        t = torch.arange(T, device=device)[None, :]                      # (1, T)
+        positions = p + t                                                # (B, T)
+        is_pad = t >= n                                                  # (B, T)
+
+        # Write-first is safe unless a chunk overwrites a slot that one of its own queries still
+        # needs, which can only happen for a multi-token chunk once the buffer wraps.
+        write_first = T == 1 or max(ends) <= S
+        if write_first:
+            key_pos = _slot_positions(p + n, S)                          # (B, S)
+            key_ok = key_pos >= 0
+        else:
+            key_pos = torch.cat((_slot_positions(p, S), positions), dim=1)  # (B, S + T)
+            key_ok = torch.cat((key_pos[:, :S] >= 0, ~is_pad), dim=1)
+        q = positions[:, :, None]                                        # (B, T, 1)
+        k = key_pos[:, None, :]                                          # (B, 1, keys)
+        mask = key_ok[:, None, :] & (k <= q)
+        if W is not None:
+            mask &= q - k < W
+        # Padding queries get every key: their output is ignored, but a fully masked row would
+        # turn into NaN inside the attention kernel.
+        mask |= is_pad[:, :, None]
+
+        # Only the last S valid tokens of a row survive in its buffer.
+        keep = ~is_pad & (t >= n - S)
+        write_b, write_t = keep.nonzero(as_tuple=True)
+        write_slot = positions[write_b, write_t] % S
+        rows_t = torch.tensor(rows, device=device)
+        return CacheStep(
+            rows=rows_t, contiguous=rows == list(range(rows[0], rows[0] + B)),
+            positions=positions, n_new=list(n_new), write_first=write_first,
+            mask=mask[:, None], write_b=write_b, write_t=write_t, write_slot=write_slot)
+
+    def update(self, layer: int, step: CacheStep, k_new: torch.Tensor, v_new: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new keys/values (B, T, n_kv, head_dim) and return the keys and
+        values the chunk attends to, in the order `step.mask` describes."""
+        if step.write_first:
+            self._write(layer, step, k_new, v_new)
+            return self._read(layer, step)
+        k_old, v_old = self._read(layer, step)
+        keys = torch.cat((k_old, k_new), dim=1)                          # (B, S + T, n_kv, hd)
+        values = torch.cat((v_old, v_new), dim=1)
+        self._write(layer, step, k_new, v_new)
+        return keys, values
+
+    def end(self, step: CacheStep) -> None:
+        for r, n in zip(step.rows.tolist(), step.n_new, strict=True):
+            self.lengths[r] += n
+
+    # ---- internals ----------------------------------------------------------------------
+
+    def _read(self, layer: int, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
+        if step.contiguous:
+            first = int(step.rows[0])
+            span = slice(first, first + len(step.rows))
+            return self.k[layer, span], self.v[layer, span]
+        return self.k[layer, step.rows], self.v[layer, step.rows]
+
+    def _write(self, layer: int, step: CacheStep, k_new: torch.Tensor, v_new: torch.Tensor
+               ) -> None:
+        dest = (step.rows[step.write_b], step.write_slot)
+        self.k[layer].index_put_(dest, k_new[step.write_b, step.write_t].to(self.k.dtype))
+        self.v[layer].index_put_(dest, v_new[step.write_b, step.write_t].to(self.v.dtype))
+
+    def _grow(self, needed: int) -> None:
+        """Enlarge every row's buffer before any row wraps, so slot = position still holds."""
+        if needed <= self.slots or self.slots >= self.max_slots:
+            return
+        new_slots = min(self.max_slots, max(needed, 2 * self.slots))
+        shape = (*self.k.shape[:2], new_slots, *self.k.shape[3:])
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.zeros(shape, dtype=old.dtype, device=old.device)
+            new[:, :, : old.shape[2]] = old
+            setattr(self, name, new)
+
+
+def _slot_positions(end: torch.Tensor, slots: int) -> torch.Tensor:
+    """Position held by each slot of rows that have seen `end` (B, 1) positions; -1 or less when
+    the slot is still empty. See the worked example in the module docstring."""
+    s = torch.arange(slots, device=end.device)[None, :]
+    return end - 1 - torch.remainder(end - 1 - s, slots)
