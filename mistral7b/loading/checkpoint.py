@@ -1,0 +1,213 @@
+"""What every weight loader shares: reading tensor files safely, and building the model.
+
+A loader turns a checkpoint into a list of `TensorRef`s (a checkpoint name, its shape, and a
+function that reads it) plus a ModelConfig; `build_model` renames, checks and loads them into a
+Transformer built on the `meta` device, so weights are allocated exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import struct
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from mistral7b.config import ModelConfig
+from mistral7b.errors import InvalidArgumentError, LoadError
+from mistral7b.loading import names
+from mistral7b.model import Transformer
+from mistral7b.rope import permute_rope_rows
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+        raise InvalidArgumentError(f"dtype {dtype} is not supported; use float32, bfloat16 or "
+                                   "float16")
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, "
+                                   "float16")
+    return DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    name: str                       # as written in the checkpoint
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor]
+    file: str                       # for error messages
+
+
+# ---- reading files ------------------------------------------------------------------------
+
+# Bytes per element of each safetensors dtype we can hold in torch.
+_SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                       "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def read_safetensors(path: Path) -> list[TensorRef]:
+    """Tensors of a .safetensors file, after checking its header against the file's size (so a
+    truncated download is reported as such rather than failing deep inside a read)."""
+    size = _file_size(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise LoadError(f"{path}: not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8 or header_len > 100_000_000:
+            raise LoadError(f"{path}: corrupt or truncated safetensors file (header claims "
+                            f"{header_len} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LoadError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise LoadError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_size = size - 8 - header_len
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            dtype = info["dtype"]
+            shape = info["shape"]
+        except (KeyError, TypeError, ValueError):
+            raise LoadError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise LoadError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        if end - start != math.prod(shape) * _SAFETENSORS_DTYPES[dtype]:
+            raise LoadError(f"{path}: corrupt safetensors header: tensor {name!r} of shape "
+                            f"{shape} and dtype {dtype} does not span bytes {start}..{end}")
+        if end > data_size:
+            raise LoadError(f"{path}: file is truncated: tensor {name!r} ends at byte {end} of "
+                            f"the data section, which has only {data_size} bytes; "
+                            "re-download the file")
+
+    from safetensors import safe_open
+
+    handle = safe_open(str(path), framework="pt")  # memory-mapped; kept alive by the closures
+
+    def reader(name: str) -> Callable[[], torch.Tensor]:
+        return lambda: handle.get_tensor(name)
+
+    return [TensorRef(name, tuple(info["shape"]), reader(name), str(path))
+            for name, info in header.items() if name != "__metadata__"]
+
+
+def read_pth(path: Path) -> list[TensorRef]:
+    """A PyTorch checkpoint, loaded with weights_only=True: it may only hold tensors."""
+    _file_size(path)
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoadError(f"{path}: refused to load: the file holds Python objects, not only "
+                        f"tensors (weights_only=True): {first}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise LoadError(f"{path}: corrupt or truncated PyTorch checkpoint ({e})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LoadError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+
+    def reader(t: torch.Tensor) -> Callable[[], torch.Tensor]:
+        return lambda: t
+
+    return [TensorRef(k, tuple(v.shape), reader(v), str(path)) for k, v in state.items()]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise LoadError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise LoadError(f"{path}: expected a JSON object")
+    return data
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        raise LoadError(f"{path}: file not found") from None
+
+
+# ---- building the model -------------------------------------------------------------------
+
+
+def build_model(config: ModelConfig, tensors: Sequence[TensorRef], name_map: names.NameMap,
+                rope_layout: Literal["interleaved", "half_split"], dtype: torch.dtype,
+                device: torch.device | str = "cpu", progress: bool = True) -> Transformer:
+    """Rename, check and load checkpoint tensors into a Transformer of `config`.
+
+    The check is strict: a tensor the model needs but the checkpoint lacks, a tensor the model
+    does not know, or a shape mismatch is a LoadError naming every offending tensor.
+    """
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    ours: dict[str, TensorRef] = {}
+    unknown: list[str] = []
+    for ref in tensors:
+        name = names.rename(ref.name, name_map)
+        if name is None or name not in expected:
+            if names.is_ignored(ref.name):
+                continue
+            # A tied model needs no output head; some writers store a copy anyway.
+            if name == "output.weight" and config.tie_embeddings:
+                continue
+            unknown.append(ref.name)
+            continue
+        ours[name] = ref
+    missing = [k for k in expected if k not in ours]
+    wrong = [f"{ref.name} {list(ref.shape)} (expected {list(expected[k])})"
+             for k, ref in ours.items() if ref.shape != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_some(missing)}")
+    if unknown:
+        problems.append(f"unexpected tensors: {_some(unknown)}")
+    if wrong:
+        problems.append(f"wrong shapes: {_some(wrong)}")
+    if problems:
+        files = sorted({ref.file for ref in tensors})
+        raise LoadError(f"checkpoint {_some(files)} does not match its configuration "
+                        f"({config.source}): " + "; ".join(problems))
+
+    state: dict[str, torch.Tensor] = {}
+    for name, ref in tqdm(ours.items(), desc="loading weights", unit="tensor",
+                          disable=None if progress else True, leave=False):
+        try:
+            tensor = ref.read()
+        except Exception as e:  # safetensors and torch raise assorted types for bad bytes
+            raise LoadError(f"{ref.file}: cannot read tensor {ref.name!r}: {e}") from None
+        heads_attr = names.rope_heads_attr(name)
+        if heads_attr is not None and rope_layout != "interleaved":
+            tensor = permute_rope_rows(tensor, getattr(config, heads_attr), to="interleaved")
+        state[name] = tensor.to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _some(items: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
