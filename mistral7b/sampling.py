@@ -1,0 +1,517 @@
+"""Token sampling: validated parameters, logits processors and a per-sequence sampler.
+
+The pipeline applied to the logits of one sequence at each step is, in order:
+
+1. repetition penalty (CTRL / Hugging Face style) over prompt and generated tokens;
+2. presence and frequency penalties (OpenAI style) over generated tokens only;
+3. greedy argmax when ``temperature == 0``; otherwise temperature scaling,
+   top-k, top-p and min-p filtering, then a draw from the softmax using a
+   ``torch.Generator`` owned by the sampler.
+
+All logits math is done in float32.  Per-token state (which ids have been seen,
+how often each id was generated) is kept in vocabulary-sized tensors that are
+updated incrementally, so one step costs a handful of vectorised O(vocab)
+operations, independent of the history length.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mistral7b.errors import InvalidArgumentError
+
+__all__ = [
+    "InvalidSamplingParam",
+    "LogitsProcessor",
+    "SampleFn",
+    "SampleResult",
+    "Sampler",
+    "SamplingParams",
+    "TokenHistory",
+    "apply_min_p",
+    "apply_presence_frequency_penalty",
+    "apply_repetition_penalty",
+    "apply_temperature",
+    "apply_top_k",
+    "apply_top_p",
+    "make_logits_processors",
+    "make_sampler",
+]
+
+MAX_TEMPERATURE = 100.0
+MAX_TOP_LOGPROBS = 20
+_SEED_MASK = (1 << 64) - 1
+
+
+class InvalidSamplingParam(InvalidArgumentError):
+    """A sampling parameter is outside its allowed range or has the wrong type.
+
+    A ``ValueError`` (through :class:`~mistral7b.errors.InvalidArgumentError`), so
+    the CLI reports it as a user error.
+    """
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require_int(name: str, value: object) -> int:
+    if not _is_int(value):
+        raise InvalidSamplingParam(f"{name} must be an integer (got {value!r})")
+    assert isinstance(value, int)
+    return value
+
+
+def _require_number(name: str, value: object) -> float:
+    if not _is_number(value):
+        raise InvalidSamplingParam(f"{name} must be a number (got {value!r})")
+    assert isinstance(value, (int, float))
+    number = float(value)
+    if math.isnan(number):
+        raise InvalidSamplingParam(f"{name} must not be NaN (got {value!r})")
+    return number
+
+
+def _require_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise InvalidSamplingParam(f"{name} must be a bool (got {value!r})")
+
+
+def _check_range(
+    name: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    """Raise :class:`InvalidSamplingParam` naming ``name`` and its range."""
+    ok = True
+    if low is not None:
+        ok = ok and (value >= low if low_inclusive else value > low)
+    if high is not None:
+        ok = ok and (value <= high if high_inclusive else value < high)
+    if ok:
+        return
+
+    def fmt(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else str(x)
+
+    if low is not None and high is not None:
+        left = "[" if low_inclusive else "("
+        right = "]" if high_inclusive else ")"
+        allowed = f"in {left}{fmt(low)}, {fmt(high)}{right}"
+    elif low is not None:
+        allowed = f"{'>=' if low_inclusive else '>'} {fmt(low)}"
+    else:
+        assert high is not None
+        allowed = f"{'<=' if high_inclusive else '<'} {fmt(high)}"
+    raise InvalidSamplingParam(f"{name} must be {allowed} (got {value!r})")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Validated, immutable sampling settings for one request.
+
+    ``top_k == 0`` disables top-k, ``top_p == 1`` disables top-p and
+    ``min_p == 0`` disables min-p.  ``temperature == 0`` means greedy decoding.
+    ``stop`` accepts a single string or any iterable of strings and
+    ``stop_token_ids`` an int or any iterable of ints; both are stored as tuples.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        max_tokens = _require_int("max_tokens", self.max_tokens)
+        _check_range("max_tokens", max_tokens, 1)
+
+        temperature = _require_number("temperature", self.temperature)
+        _check_range("temperature", temperature, 0.0, MAX_TEMPERATURE)
+
+        top_k = _require_int("top_k", self.top_k)
+        _check_range("top_k", top_k, 0)
+
+        top_p = _require_number("top_p", self.top_p)
+        _check_range("top_p", top_p, 0.0, 1.0, low_inclusive=False)
+
+        min_p = _require_number("min_p", self.min_p)
+        _check_range("min_p", min_p, 0.0, 1.0)
+
+        repetition_penalty = _require_number("repetition_penalty", self.repetition_penalty)
+        _check_range("repetition_penalty", repetition_penalty, 0.0, low_inclusive=False)
+        if math.isinf(repetition_penalty):
+            raise InvalidSamplingParam(
+                f"repetition_penalty must be finite and > 0 (got {self.repetition_penalty!r})"
+            )
+
+        presence_penalty = _require_number("presence_penalty", self.presence_penalty)
+        _check_range("presence_penalty", presence_penalty, -2.0, 2.0)
+
+        frequency_penalty = _require_number("frequency_penalty", self.frequency_penalty)
+        _check_range("frequency_penalty", frequency_penalty, -2.0, 2.0)
+
+        if self.seed is not None:
+            _require_int("seed", self.seed)
+
+        object.__setattr__(self, "stop", self._normalise_stop(self.stop))
+        object.__setattr__(
+            self, "stop_token_ids", self._normalise_stop_token_ids(self.stop_token_ids)
+        )
+
+        _require_bool("ignore_eos", self.ignore_eos)
+        _require_bool("logprobs", self.logprobs)
+
+        top_logprobs = _require_int("top_logprobs", self.top_logprobs)
+        _check_range("top_logprobs", top_logprobs, 0, MAX_TOP_LOGPROBS)
+
+    @staticmethod
+    def _normalise_stop(value: object) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            items: tuple[Any, ...] = (value,)
+        elif isinstance(value, Iterable):
+            items = tuple(value)
+        else:
+            raise InvalidSamplingParam(
+                f"stop must be a string or a sequence of strings (got {value!r})"
+            )
+        for item in items:
+            if not isinstance(item, str):
+                raise InvalidSamplingParam(f"stop entries must be strings (got {item!r})")
+            if not item:
+                raise InvalidSamplingParam("stop entries must be non-empty strings (got '')")
+        return items
+
+    @staticmethod
+    def _normalise_stop_token_ids(value: object) -> tuple[int, ...]:
+        if value is None:
+            return ()
+        if _is_int(value):
+            items: tuple[Any, ...] = (value,)
+        elif isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+            items = tuple(value)
+        else:
+            raise InvalidSamplingParam(
+                f"stop_token_ids must be an int or a sequence of ints (got {value!r})"
+            )
+        for item in items:
+            if not _is_int(item) or item < 0:
+                raise InvalidSamplingParam(
+                    f"stop_token_ids entries must be integers >= 0 (got {item!r})"
+                )
+        return items
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is deterministic argmax (``temperature == 0``)."""
+        return self.temperature == 0
+
+
+class TokenHistory:
+    """Vocabulary-sized record of the tokens a sequence has seen.
+
+    ``seen`` is a bool mask of every id in the prompt or generated so far (used by
+    the repetition penalty); ``counts`` holds, as float32, how many times each id
+    was *generated* (used by presence and frequency penalties).  Both are updated
+    in O(1) per added token.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        prompt_ids: Sequence[int] = (),
+        device: torch.device | str | None = None,
+    ) -> None:
+        if vocab_size <= 0:
+            raise ValueError(f"vocab_size must be > 0 (got {vocab_size})")
+        self.vocab_size = vocab_size
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        self.num_generated = 0
+        if len(prompt_ids) > 0:
+            ids = torch.as_tensor(list(prompt_ids), dtype=torch.long)
+            if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+                raise ValueError(
+                    f"prompt token ids must be in [0, {vocab_size}) "
+                    f"(got min {int(ids.min())}, max {int(ids.max())})"
+                )
+            self.seen[ids.to(self.seen.device)] = True
+
+    def add(self, token_id: int) -> None:
+        """Record one generated token."""
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id must be in [0, {self.vocab_size}) (got {token_id})")
+        self.seen[token_id] = True
+        self.counts[token_id] += 1.0
+        self.num_generated += 1
+
+
+LogitsProcessor = Callable[[torch.Tensor, TokenHistory], torch.Tensor]
+"""Maps (float32 logits of shape (vocab,), history) to new logits."""
+
+SampleFn = Callable[[torch.Tensor, torch.Generator], int]
+"""Maps (processed float32 logits of shape (vocab,), generator) to a token id."""
+
+
+# ---------------------------------------------------------------------------
+# Penalties
+# ---------------------------------------------------------------------------
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """CTRL-style penalty: for ids in ``seen``, positive logits are divided by
+    ``penalty`` and negative ones multiplied by it."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_presence_frequency_penalty(
+    logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI-style penalty: ``logit -= presence * (count > 0) + frequency * count``."""
+    if presence == 0.0 and frequency == 0.0:
+        return logits
+    out = logits
+    if presence != 0.0:
+        out = out - presence * (counts > 0).to(logits.dtype)
+    if frequency != 0.0:
+        out = out - frequency * counts.to(logits.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Warpers / filters (operate on temperature-scaled logits; removed = -inf)
+# ---------------------------------------------------------------------------
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Divide logits by a positive temperature."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for scaling (got {temperature})")
+    if temperature == 1.0:
+        return logits
+    return logits / temperature
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep exactly the ``k`` largest logits (ties broken towards lower ids)."""
+    vocab = logits.shape[-1]
+    if k <= 0 or k >= vocab:
+        return logits
+    kth = torch.topk(logits, k, sorted=False).values.min()
+    above = logits > kth
+    at = logits == kth
+    # Among the ids tied at the k-th value keep only as many (lowest ids first)
+    # as are needed to reach exactly k.
+    room = k - int(above.sum())
+    keep = above | (at & (torch.cumsum(at.to(torch.int64), dim=-1) <= room))
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most-probable ids whose total
+    probability is >= ``top_p`` (always at least one id)."""
+    if top_p >= 1.0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    sorted_probs, order = torch.sort(probs, descending=True, stable=True)
+    cumulative = torch.cumsum(sorted_probs, dim=-1)
+    # Keep an id if the mass of strictly-more-probable ids is still below top_p.
+    keep_sorted = (cumulative - sorted_probs) < top_p
+    keep_sorted[0] = True
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop ids whose probability is below ``min_p`` times the top probability."""
+    if min_p <= 0.0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    threshold = probs.max() * min_p
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+# ---------------------------------------------------------------------------
+# Factories
+# ---------------------------------------------------------------------------
+
+
+def make_logits_processors(params: SamplingParams) -> list[LogitsProcessor]:
+    """Return the active penalty processors for ``params``, in application order."""
+    processors: list[LogitsProcessor] = []
+    if params.repetition_penalty != 1.0:
+        penalty = params.repetition_penalty
+
+        def repetition(logits: torch.Tensor, history: TokenHistory) -> torch.Tensor:
+            return apply_repetition_penalty(logits, history.seen, penalty)
+
+        processors.append(repetition)
+    if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+        presence = params.presence_penalty
+        frequency = params.frequency_penalty
+
+        def presence_frequency(logits: torch.Tensor, history: TokenHistory) -> torch.Tensor:
+            return apply_presence_frequency_penalty(logits, history.counts, presence, frequency)
+
+        processors.append(presence_frequency)
+    return processors
+
+
+def make_sampler(params: SamplingParams) -> SampleFn:
+    """Return a function choosing one token id from processed logits.
+
+    Greedy (``temperature == 0``) returns ``torch.argmax`` (lowest id on ties).
+    Otherwise logits are temperature-scaled, filtered by top-k, top-p and min-p,
+    and a token is drawn from the resulting softmax with the given generator.
+    """
+    if params.greedy:
+
+        def greedy(logits: torch.Tensor, generator: torch.Generator) -> int:
+            del generator
+            return int(torch.argmax(logits))
+
+        return greedy
+
+    temperature = params.temperature
+    top_k = params.top_k
+    top_p = params.top_p
+    min_p = params.min_p
+
+    def categorical(logits: torch.Tensor, generator: torch.Generator) -> int:
+        scaled = apply_temperature(logits, temperature)
+        scaled = apply_top_k(scaled, top_k)
+        scaled = apply_top_p(scaled, top_p)
+        scaled = apply_min_p(scaled, min_p)
+        probs = torch.softmax(scaled, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    return categorical
+
+
+# ---------------------------------------------------------------------------
+# Per-sequence sampler
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """One sampled token.
+
+    ``logprob`` and ``top_logprobs`` come from the log-softmax of the *raw*
+    logits (before penalties, temperature and filtering).  ``top_logprobs``
+    holds ``params.top_logprobs`` ``(token_id, logprob)`` pairs, best first.
+    """
+
+    token_id: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Sampler:
+    """Samples the tokens of one sequence and tracks its history.
+
+    The sampler owns a ``torch.Generator`` seeded from ``params.seed`` (or from
+    OS entropy when the seed is ``None``), so the same seed and the same
+    sequence of logits always give the same tokens, whatever other samplers or
+    the global RNG do.
+    """
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = ()) -> None:
+        self.params = params
+        self.prompt_ids: tuple[int, ...] = tuple(int(t) for t in prompt_ids)
+        if params.seed is None:
+            self.seed: int = random.SystemRandom().getrandbits(63)
+        else:
+            self.seed = params.seed
+        self._generated: list[int] = []
+        self._history: TokenHistory | None = None
+        self._generator: torch.Generator | None = None
+        self._processors = make_logits_processors(params)
+        self._sample_fn = make_sampler(params)
+
+    @property
+    def generated(self) -> tuple[int, ...]:
+        """Token ids sampled or accepted so far (prompt excluded)."""
+        return tuple(self._generated)
+
+    def accept(self, token_id: int) -> None:
+        """Record ``token_id`` as generated (sampled here or forced by the caller)."""
+        token_id = int(token_id)
+        if token_id < 0:
+            raise ValueError(f"token id must be >= 0 (got {token_id})")
+        if self._history is not None:
+            self._history.add(token_id)
+        self._generated.append(token_id)
+
+    def _ensure_state(self, logits: torch.Tensor) -> TokenHistory:
+        vocab = logits.shape[0]
+        if self._history is None:
+            history = TokenHistory(vocab, self.prompt_ids, device=logits.device)
+            for token_id in self._generated:
+                history.add(token_id)
+            self._history = history
+        elif self._history.vocab_size != vocab:
+            raise ValueError(
+                f"logits vocabulary size changed from {self._history.vocab_size} to {vocab}"
+            )
+        if self._generator is None:
+            generator = torch.Generator(device=logits.device)
+            generator.manual_seed(self.seed & _SEED_MASK)
+            self._generator = generator
+        return self._history
+
+    def sample(self, logits: torch.Tensor) -> SampleResult:
+        """Pick the next token from ``logits`` (shape ``(vocab,)``) and record it."""
+        if logits.dim() != 1:
+            raise ValueError(f"logits must be 1-D (vocab,), got shape {tuple(logits.shape)}")
+        raw = logits.detach().to(torch.float32)
+        history = self._ensure_state(raw)
+        assert self._generator is not None
+
+        processed = raw
+        for processor in self._processors:
+            processed = processor(processed, history)
+        token_id = self._sample_fn(processed, self._generator)
+
+        raw_logprobs = torch.log_softmax(raw, dim=-1)
+        logprob = float(raw_logprobs[token_id])
+        top: list[tuple[int, float]] = []
+        n_top = min(self.params.top_logprobs, raw.shape[0])
+        if n_top > 0:
+            values, indices = torch.topk(raw_logprobs, n_top)
+            top = [
+                (int(i), float(v)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)
+            ]
+
+        self.accept(token_id)
+        return SampleResult(token_id=token_id, logprob=logprob, top_logprobs=top)
