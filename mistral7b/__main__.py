@@ -1,0 +1,3 @@
+from mistral7b.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""Generation, layered as in mlx-lm: `prefill`/`decode_step` turn tokens into logits and fill the
+cache; `stream_batch` drives any number of sequences step by step and yields text pieces;
+`LLM.generate`, `LLM.stream_generate` and `LLM.generate_batch` are thin wrappers over it.
+
+A batch is one RollingCache with a row per sequence. Prompts of unequal lengths are pre-filled
+together in chunks (each row carries its own count of real tokens, the rest is padding that the
+cache masks out), then every unfinished row decodes one token per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mistral7b.cache import RollingCache
+from mistral7b.config import ModelConfig
+from mistral7b.detokenizer import StreamDecoder
+from mistral7b.errors import ContextLengthError, InvalidArgumentError
+from mistral7b.model import Transformer
+from mistral7b.sampling import Sampler, SamplingParams
+
+
+@dataclass
+class StreamPiece:
+    """What one step adds to one sequence."""
+
+    text: str                               # complete UTF-8, never part of a stop string
+    token_ids: list[int]                    # tokens generated at this step (empty at the end)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None        # "stop" | "length" on the last piece
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str                      # "stop" (EOS, stop string or stop token) | "length"
+    prompt_tokens: int
+    logprobs: list[float] | None = None     # per generated token, when asked for
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+def default_chunk_size(config: ModelConfig) -> int:
+    """The paper pre-fills in chunks of the window size; models without one use 4096 tokens."""
+    return config.sliding_window or 4096
+
+
+def check_prompt(config: ModelConfig, prompt: Sequence[int], max_tokens: int = 0) -> None:
+    """Refuse what the model cannot run, before any work: never truncate silently."""
+    if len(prompt) == 0:
+        raise InvalidArgumentError("prompt: empty (no tokens to condition on)")
+    bad = [t for t in prompt if not 0 <= t < config.vocab_size]
+    if bad:
+        raise InvalidArgumentError(f"prompt: token id {bad[0]} is outside the vocabulary "
+                                   f"(0..{config.vocab_size - 1})")
+    if config.sliding_window is None and len(prompt) + max_tokens > config.max_seq_len:
+        raise ContextLengthError(
+            f"prompt of {len(prompt)} tokens + max_tokens {max_tokens} = "
+            f"{len(prompt) + max_tokens} exceeds the model's context length of "
+            f"{config.max_seq_len} tokens; shorten the prompt or lower max_tokens")
+
+
+@torch.inference_mode()
+def prefill(model: Transformer, cache: RollingCache, rows: list[int],
+            prompts: Sequence[Sequence[int]], chunk_size: int) -> torch.Tensor:
+    """Run prompts of any lengths through the model in chunks; (B, vocab) logits of each
+    prompt's last token."""
+    if chunk_size < 1:
+        raise InvalidArgumentError(f"chunk_size must be >= 1 (got {chunk_size})")
+    device = model.tok_embeddings.weight.device
+    last = torch.empty(len(rows), model.config.vocab_size)
+    longest = max(len(p) for p in prompts)
+    for start in range(0, longest, chunk_size):
+        live = [b for b, p in enumerate(prompts) if len(p) > start]
+        chunks = [list(prompts[b][start:start + chunk_size]) for b in live]
+        width = max(len(c) for c in chunks)
+        tokens = torch.tensor([c + [0] * (width - len(c)) for c in chunks], device=device)
+        logits = model(tokens, cache, rows=[rows[b] for b in live],
+                       n_new=[len(c) for c in chunks], last_only=True)
+        last[live] = logits.cpu()
+    return last
+
+
+@torch.inference_mode()
+def decode_step(model: Transformer, cache: RollingCache, rows: list[int], tokens: list[int]
+                ) -> torch.Tensor:
+    """One new token for each row; (B, vocab) logits."""
+    device = model.tok_embeddings.weight.device
+    return model(torch.tensor(tokens, device=device)[:, None], cache, rows=rows,
+                 last_only=True).cpu()
+
+
+@torch.inference_mode()
+def all_logits(model: Transformer, prompt: Sequence[int], chunk_size: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """(T, vocab) float32 logits of every position of one sequence, pre-filled in chunks."""
+    cache = RollingCache(model.config, rows=1, dtype=dtype,
+                         device=model.tok_embeddings.weight.device)
+    device = model.tok_embeddings.weight.device
+    out = []
+    for start in range(0, len(prompt), chunk_size):
+        tokens = torch.tensor([list(prompt[start:start + chunk_size])], device=device)
+        out.append(model(tokens, cache)[0].cpu())
+    return torch.cat(out)
+
+
+class _Sequence:
+    """Book-keeping of one generated sequence."""
+
+    def __init__(self, prompt: Sequence[int], params: SamplingParams,
+                 decode: Callable[[list[int]], str], eos_ids: frozenset[int]) -> None:
+        self.params = params
+        self.sampler = Sampler(params, prompt)
+        self.decoder = StreamDecoder(decode, params.stop)
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
+        self.n_generated = 0
+        self.finish_reason: str | None = None
+
+    def add(self, logits: torch.Tensor) -> StreamPiece:
+        """Sample the next token from (vocab,) logits and say what it adds."""
+        result = self.sampler.sample(logits)
+        self.n_generated += 1
+        wanted = self.params.logprobs or self.params.top_logprobs > 0
+        piece = StreamPiece(text="", token_ids=[result.token_id],
+                            logprobs=[result.logprob] if wanted else [],
+                            top_logprobs=[result.top_logprobs] if self.params.top_logprobs else [])
+        if result.token_id in self.stop_ids:
+            # EOS or a stop token: it ends the text and is not part of it.
+            self.finish_reason = "stop"
+            piece.text = self.decoder.flush()
+            return piece
+        piece.text = self.decoder.push(result.token_id)
+        if self.decoder.stopped:
+            self.finish_reason = "stop"
+        elif self.n_generated >= self.params.max_tokens:
+            self.finish_reason = "length"
+            piece.text += self.decoder.flush()
+        return piece
+
+
+def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]],
+                 params: Sequence[SamplingParams], decode: Callable[[list[int]], str],
+                 eos_ids: frozenset[int], chunk_size: int, dtype: torch.dtype
+                 ) -> Iterator[tuple[int, StreamPiece]]:
+    """Generate for every prompt at once; yields (prompt index, piece) as tokens arrive. The last
+    piece of each sequence has its finish_reason set."""
+    for prompt, p in zip(prompts, params, strict=True):
+        check_prompt(model.config, prompt, p.max_tokens)
+    cache = RollingCache(model.config, rows=len(prompts), dtype=dtype,
+                         device=model.tok_embeddings.weight.device)
+    seqs = [_Sequence(prompt, p, decode, eos_ids) for prompt, p in zip(prompts, params,
+                                                                      strict=True)]
+    rows = list(range(len(prompts)))
+    logits = prefill(model, cache, rows, prompts, chunk_size)
+    while rows:
+        next_rows, next_tokens = [], []
+        for i, row in enumerate(rows):
+            piece = seqs[row].add(logits[i])
+            piece.finish_reason = seqs[row].finish_reason
+            yield row, piece
+            if piece.finish_reason is None:
+                next_rows.append(row)
+                next_tokens.append(piece.token_ids[0])
+        rows = next_rows
+        if rows:
+            logits = decode_step(model, cache, rows, next_tokens)

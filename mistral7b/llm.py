@@ -1,0 +1,138 @@
+"""LLM: a loaded model with its tokenizer — the object the public Python API hands out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mistral7b.config import ModelConfig
+from mistral7b.generate import (
+    GenerationResult,
+    StreamPiece,
+    all_logits,
+    check_prompt,
+    default_chunk_size,
+    stream_batch,
+)
+from mistral7b.loading import load_checkpoint
+from mistral7b.loading.checkpoint import parse_dtype
+from mistral7b.model import Transformer
+from mistral7b.sampling import SamplingParams
+from mistral7b.tokenizer import Message, MissingTokenizer, Tokenizer
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, dtype: torch.dtype,
+                 path: Path | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.path = path
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    # ---- scoring --------------------------------------------------------------------------
+
+    def logits(self, token_ids: Sequence[int], chunk_size: int | None = None) -> torch.Tensor:
+        """(T, vocab) float32 logits for every position, pre-filled in chunks (default: the
+        sliding window). Chunked, one-shot and token-by-token give the same numbers."""
+        ids = [int(t) for t in token_ids]
+        check_prompt(self.config, ids)
+        return all_logits(self.model, ids, self._chunk(chunk_size), self.dtype)
+
+    # ---- generation -----------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Text gets the tokenizer's BOS; a list of ids is used as given."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, bos=True)
+        return [int(t) for t in prompt]
+
+    def stream_generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                        chunk_size: int | None = None, **sampling: Any) -> Iterator[StreamPiece]:
+        """Yield pieces of text (with their token ids) as they are generated. Keyword arguments
+        are SamplingParams fields: max_tokens, temperature, top_k, top_p, min_p,
+        repetition_penalty, presence_penalty, frequency_penalty, seed, stop, stop_token_ids,
+        ignore_eos, logprobs, top_logprobs."""
+        params = _params(params, sampling)
+        for _, piece in self._stream([self.encode_prompt(prompt)], [params], chunk_size):
+            yield piece
+
+    def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                 chunk_size: int | None = None, **sampling: Any) -> GenerationResult:
+        return self.generate_batch([prompt], params, chunk_size, **sampling)[0]
+
+    def generate_batch(self, prompts: Sequence[Prompt],
+                       params: SamplingParams | Sequence[SamplingParams] | None = None,
+                       chunk_size: int | None = None, **sampling: Any) -> list[GenerationResult]:
+        """Generate for many prompts at once in one batch; each result is what the prompt gets
+        alone (same greedy text, same seeded samples)."""
+        if isinstance(params, SamplingParams) or params is None:
+            per_prompt = [_params(params, sampling)] * len(prompts)
+        else:
+            per_prompt = list(params)
+        ids = [self.encode_prompt(p) for p in prompts]
+        parts: list[list[StreamPiece]] = [[] for _ in prompts]
+        for i, piece in self._stream(ids, per_prompt, chunk_size):
+            parts[i].append(piece)
+        results = []
+        for i, pieces in enumerate(parts):
+            wanted = per_prompt[i].logprobs or per_prompt[i].top_logprobs > 0
+            results.append(GenerationResult(
+                text="".join(p.text for p in pieces),
+                token_ids=[t for p in pieces for t in p.token_ids],
+                finish_reason=pieces[-1].finish_reason or "length",
+                prompt_tokens=len(ids[i]),
+                logprobs=[lp for p in pieces for lp in p.logprobs] if wanted else None,
+                top_logprobs=([tl for p in pieces for tl in p.top_logprobs]
+                              if per_prompt[i].top_logprobs else None)))
+        return results
+
+    def chat(self, messages: Sequence[Message], params: SamplingParams | None = None,
+             chunk_size: int | None = None, **sampling: Any) -> GenerationResult:
+        """Answer an OpenAI-style conversation ([{"role": ..., "content": ...}, ...]) in the
+        model's chat format."""
+        return self.generate(self.tokenizer.encode_chat(messages), params, chunk_size, **sampling)
+
+    def _stream(self, prompts: list[list[int]], params: list[SamplingParams],
+                chunk_size: int | None) -> Iterator[tuple[int, StreamPiece]]:
+        has_text = not isinstance(self.tokenizer, MissingTokenizer)
+        if not has_text and any(p.stop for p in params):
+            self.tokenizer.decode([])  # raises the tokenizer's explanation
+        return stream_batch(self.model, prompts, params,
+                            self.tokenizer.decode if has_text else _no_text,
+                            self.tokenizer.eos_ids, self._chunk(chunk_size), self.dtype)
+
+    def _chunk(self, chunk_size: int | None) -> int:
+        return chunk_size if chunk_size is not None else default_chunk_size(self.config)
+
+
+def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
+    if params is None:
+        return SamplingParams(**overrides)
+    if overrides:
+        raise TypeError("pass either a SamplingParams or keyword arguments, not both")
+    return params
+
+
+def _no_text(ids: list[int]) -> str:
+    return ""
+
+
+def load(path: str | Path, dtype: str | torch.dtype = "float32",
+         device: str | torch.device = "cpu", progress: bool = True) -> LLM:
+    """Load a Mistral-family model from a Mistral native or Hugging Face directory."""
+    torch_dtype = parse_dtype(dtype)
+    _, model, tokenizer = load_checkpoint(path, torch_dtype, device, progress)
+    return LLM(model, tokenizer, torch_dtype, Path(path))

@@ -1,0 +1,175 @@
+"""One Tokenizer interface over mistral-common (tokenizer.model.v*, tekken.json) and Hugging Face
+`tokenizers` (tokenizer.json), plus the stand-in used when a checkpoint ships none."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from mistral7b.errors import InvalidArgumentError, TokenizerError
+
+Message = dict[str, str]
+
+# Looked for next to the weights, first match wins. Mistral's own formats come first: mistral-common
+# is the reference for their chat encodings.
+MISTRAL_TOKENIZER_FILES = ("tekken.json", "tokenizer.model.v3", "tokenizer.model.v2",
+                           "tokenizer.model.v1")
+HF_TOKENIZER_FILE = "tokenizer.json"
+
+
+class Tokenizer(Protocol):
+    name: str
+    vocab_size: int
+    bos_id: int | None
+    eos_ids: frozenset[int]
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]: ...
+
+
+def validate_messages(messages: Sequence[Message]) -> None:
+    """The OpenAI-style shape every chat format needs; roles order is checked by the format."""
+    if not messages:
+        raise InvalidArgumentError("messages: the conversation is empty")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise InvalidArgumentError(f"messages[{i}]: expected an object with `role` and "
+                                       "`content`")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise InvalidArgumentError(f"messages[{i}].role: unknown role {m['role']!r}; "
+                                       "expected system, user or assistant")
+        if not isinstance(m["content"], str):
+            raise InvalidArgumentError(f"messages[{i}].content: expected a string")
+
+
+class MistralCommonTokenizer:
+    """Mistral's tokenizers and chat encodings, through the `mistral-common` package."""
+
+    def __init__(self, path: Path) -> None:
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        try:
+            self._mistral = MistralTokenizer.from_file(str(path))
+        except Exception as e:  # mistral-common raises assorted types for unreadable files
+            raise TokenizerError(f"{path}: cannot load tokenizer ({e})") from None
+        self._raw = self._mistral.instruct_tokenizer.tokenizer
+        self.name = f"mistral-common {path.name}"
+        self.vocab_size = int(self._raw.n_words)
+        self.bos_id: int | None = int(self._raw.bos_id)
+        self.eos_ids = frozenset({int(self._raw.eos_id)})
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return list(self._raw.encode(text, bos=bos, eos=eos))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._raw.decode(list(ids)))
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        """Tokens of a conversation ending with a user turn, ready for the assistant's answer.
+
+        For v1 (Mistral 7B v0.1), which has no system role, mistral-common prepends the system
+        prompt to the first user message with a blank line, as the paper's format does.
+        """
+        from mistral_common.protocol.instruct.messages import (
+            AssistantMessage,
+            SystemMessage,
+            UserMessage,
+        )
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        validate_messages(messages)
+        kinds: dict[str, Any] = {"system": SystemMessage, "user": UserMessage,
+                                 "assistant": AssistantMessage}
+        request = ChatCompletionRequest(
+            messages=[kinds[m["role"]](content=m["content"]) for m in messages])
+        try:
+            return list(self._mistral.encode_chat_completion(request).tokens)
+        except Exception as e:  # mistral-common's validation errors for roles out of order
+            raise InvalidArgumentError(f"messages: this conversation cannot be encoded in "
+                                       f"Mistral's chat format: {e}") from None
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json`, with BOS/EOS from `tokenizer_config.json`/`config.json`."""
+
+    def __init__(self, directory: Path) -> None:
+        import json
+
+        from tokenizers import Tokenizer as HFRawTokenizer
+
+        path = directory / HF_TOKENIZER_FILE
+        try:
+            self._tok = HFRawTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for bad files
+            raise TokenizerError(f"{path}: cannot load tokenizer ({e})") from None
+        settings: dict[str, Any] = {}
+        for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+            try:
+                settings.update(json.loads((directory / name).read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                continue
+        self.name = f"tokenizers {path.name}"
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id = self._token_id(settings.get("bos_token")) or settings.get("bos_token_id")
+        self.add_bos = bool(settings.get("add_bos_token", self.bos_id is not None))
+        eos = settings.get("eos_token_id")
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        token_eos = self._token_id(settings.get("eos_token"))
+        if token_eos is not None:
+            eos_ids.add(token_eos)
+        self.eos_ids = frozenset(int(i) for i in eos_ids)
+
+    def _token_id(self, token: Any) -> int | None:
+        if isinstance(token, dict):
+            token = token.get("content")
+        if not isinstance(token, str):
+            return None
+        return self._tok.token_to_id(token)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        ids = list(self._tok.encode(text, add_special_tokens=False).ids)
+        if bos and self.bos_id is not None and self.add_bos:
+            ids.insert(0, int(self.bos_id))
+        if eos and self.eos_ids:
+            ids.append(min(self.eos_ids))
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._tok.decode(list(ids), skip_special_tokens=True))
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        raise TokenizerError(f"{self.name}: chat templates are not supported yet; "
+                             "use generate() with a formatted prompt")
+
+
+class MissingTokenizer:
+    """Stands in for a checkpoint without a tokenizer: token ids work, text does not."""
+
+    def __init__(self, directory: Path, vocab_size: int) -> None:
+        self._why = (f"{directory} has no tokenizer (looked for "
+                     f"{', '.join((*MISTRAL_TOKENIZER_FILES, HF_TOKENIZER_FILE))}); "
+                     "pass token ids instead of text, or add a tokenizer file")
+        self.name = "none"
+        self.vocab_size = vocab_size
+        self.bos_id: int | None = None
+        self.eos_ids: frozenset[int] = frozenset()
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        raise TokenizerError(self._why)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise TokenizerError(self._why)
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        raise TokenizerError(self._why)
+
+
+def find_tokenizer(directory: Path, vocab_size: int) -> Tokenizer:
+    for name in MISTRAL_TOKENIZER_FILES:
+        if (directory / name).is_file():
+            return MistralCommonTokenizer(directory / name)
+    if (directory / HF_TOKENIZER_FILE).is_file():
+        return HFTokenizer(directory)
+    return MissingTokenizer(directory, vocab_size)

@@ -1,0 +1,56 @@
+"""The command line: real output on a tiny model, one-line errors with status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mistral7b
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mistral7b", *args], capture_output=True,
+                          text=True, input=stdin, timeout=300)
+
+
+def test_generate_streams_the_greedy_text(native_v1_dir: Path) -> None:
+    proc = run("generate", "--model", str(native_v1_dir), "--prompt", "Hello", "-n", "12",
+               "--temperature", "0", "--ignore-eos", "--stats")
+    assert proc.returncode == 0, proc.stderr
+    expected = mistral7b.load(native_v1_dir).generate("Hello", max_tokens=12, temperature=0,
+                                                      ignore_eos=True).text
+    assert proc.stdout == expected + "\n"
+    assert "tokens/s" in proc.stderr
+
+
+def test_info_describes_the_model(native_v1_dir: Path) -> None:
+    proc = run("info", "--model", str(native_v1_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert "sliding window" in proc.stdout and "16" in proc.stdout
+    assert "8 / 2 (GQA group 4)" in proc.stdout
+    assert "tokenizer.model.v1" in proc.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["generate", "--model", "/no/such/dir", "--prompt", "x"], "does not exist"),
+    (["info", "--model", "/no/such/dir"], "does not exist"),
+    (["generate", "--model", "{model}", "--prompt", "x", "--temperature", "-1"], "temperature"),
+    (["generate", "--model", "{model}", "--prompt", "x", "--top-p", "0"], "top_p"),
+    (["generate", "--model", "{model}", "--prompt", "x", "-n", "0"], "max_tokens"),
+])
+def test_user_mistakes_print_one_line_and_exit_2(native_v1_dir: Path, args: list[str],
+                                                 message: str) -> None:
+    proc = run(*[a.replace("{model}", str(native_v1_dir)) for a in args])
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith("mistral7b: error:") and message in proc.stderr
+
+
+def test_bad_flag_value_is_an_argparse_error() -> None:
+    proc = run("generate", "--model", "x", "--max-tokens", "many")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "invalid int value" in proc.stderr
