@@ -8,10 +8,13 @@ never sees where a checkpoint came from.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from mistral7b.errors import ConfigError
+
+log = logging.getLogger("mistral7b")
 
 # Mistral 7B v0.1 was trained with theta 10000 and its params.json has no `rope_theta` key;
 # v0.2 and later write `rope_theta: 1000000.0` explicitly. A reader that assumes 1e6 when the key
@@ -188,6 +191,73 @@ class ModelConfig:
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             source=source,
         )
+
+    @classmethod
+    def from_gguf(cls, metadata: dict[str, Any], has_output: bool, source: str = "gguf"
+                  ) -> ModelConfig:
+        """GGUF metadata (architecture `llama`, or `mistral` where a writer uses it).
+        `has_output`: whether the file has an `output.weight` tensor (absent = tied)."""
+        arch = metadata.get("general.architecture")
+        if arch not in ("llama", "mistral"):
+            raise ConfigError(f"{source}: general.architecture {arch!r} is not supported; "
+                              "expected 'llama' or 'mistral'")
+
+        def key(name: str) -> str:
+            return f"{arch}.{name}"
+
+        if metadata.get(key("expert_count")):
+            raise ConfigError(f"{source}: `{key('expert_count')}` is set: mixture-of-experts "
+                              "models are not supported")
+        scaling = metadata.get(key("rope.scaling.type"))
+        if scaling not in (None, "none"):
+            raise ConfigError(f"{source}: `{key('rope.scaling.type')}` {scaling!r} is not "
+                              "supported; only plain RoPE is implemented")
+        dim = _required(metadata, key("embedding_length"), source)
+        n_heads = _required(metadata, key("attention.head_count"), source)
+        head_dim = metadata.get(key("attention.key_length")) or dim // n_heads
+        rope_dims = metadata.get(key("rope.dimension_count"), head_dim)
+        if rope_dims != head_dim:
+            raise ConfigError(f"{source}: `{key('rope.dimension_count')}` = {rope_dims} differs "
+                              f"from head_dim {head_dim}: partial RoPE is not supported")
+        vocab = metadata.get(key("vocab_size")) or len(metadata.get("tokenizer.ggml.tokens", []))
+        theta = metadata.get(key("rope.freq_base"))
+        config = cls(
+            dim=dim,
+            n_layers=_required(metadata, key("block_count"), source),
+            n_heads=n_heads,
+            n_kv_heads=metadata.get(key("attention.head_count_kv")) or n_heads,
+            head_dim=head_dim,
+            hidden_dim=_required(metadata, key("feed_forward_length"), source),
+            vocab_size=vocab or 0,
+            norm_eps=float(metadata.get(key("attention.layer_norm_rms_epsilon"), 1e-5)),
+            rope_theta=float(theta if theta is not None else DEFAULT_ROPE_THETA),
+            sliding_window=metadata.get(key("attention.sliding_window")) or None,
+            max_seq_len=int(metadata.get(key("context_length")) or DEFAULT_NATIVE_CONTEXT),
+            tie_embeddings=not has_output,
+            source=source,
+        )
+        if config.sliding_window is None and is_mistral_7b_v01(config):
+            # GGUF converters never wrote a window key for Mistral 7B v0.1, yet the model was
+            # trained with W = 4096; without it, attention past 4096 tokens is not the paper's.
+            config = config.replace(sliding_window=MISTRAL_V01_WINDOW)
+            log.info("%s: Mistral 7B v0.1 detected (shapes, 32000-token vocabulary, theta 1e4) "
+                     "and no sliding-window key: using W = %d (override with sliding_window)",
+                     source, MISTRAL_V01_WINDOW)
+        return config
+
+
+MISTRAL_V01_WINDOW = 4096
+
+
+def is_mistral_7b(config: ModelConfig) -> bool:
+    """Mistral 7B's shapes with its 32000-token v1 vocabulary (v0.1 and v0.2; v0.3 has 32768)."""
+    return (config.dim, config.n_layers, config.n_heads, config.n_kv_heads, config.head_dim,
+            config.hidden_dim, config.vocab_size) == (4096, 32, 32, 8, 128, 14336, 32000)
+
+
+def is_mistral_7b_v01(config: ModelConfig) -> bool:
+    """v0.1 is the one with theta 10000 (v0.2 has theta 1e6 and no window)."""
+    return is_mistral_7b(config) and config.rope_theta == DEFAULT_ROPE_THETA
 
 
 def _required(d: dict[str, Any], key: str, source: str) -> Any:

@@ -28,6 +28,22 @@ HF: NameMap = [
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
 ]
 
+# GGUF (llama.cpp) names. GGUF's q/k rows are interleaved, like Mistral's native layout.
+GGUF: NameMap = [
+    (r"token_embd\.weight", "tok_embeddings.weight"),
+    (r"output_norm\.weight", "norm.weight"),
+    (r"output\.weight", "output.weight"),
+    (r"blk\.(\d+)\.attn_q\.weight", r"layers.\1.attention.wq.weight"),
+    (r"blk\.(\d+)\.attn_k\.weight", r"layers.\1.attention.wk.weight"),
+    (r"blk\.(\d+)\.attn_v\.weight", r"layers.\1.attention.wv.weight"),
+    (r"blk\.(\d+)\.attn_output\.weight", r"layers.\1.attention.wo.weight"),
+    (r"blk\.(\d+)\.ffn_gate\.weight", r"layers.\1.feed_forward.w1.weight"),
+    (r"blk\.(\d+)\.ffn_down\.weight", r"layers.\1.feed_forward.w2.weight"),
+    (r"blk\.(\d+)\.ffn_up\.weight", r"layers.\1.feed_forward.w3.weight"),
+    (r"blk\.(\d+)\.attn_norm\.weight", r"layers.\1.attention_norm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", r"layers.\1.ffn_norm.weight"),
+]
+
 # Tensors some writers include that carry no weights (recomputed RoPE frequencies).
 IGNORED: list[str] = [r".*rotary_emb\.inv_freq"]
 
