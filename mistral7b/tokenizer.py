@@ -91,57 +91,106 @@ class MistralCommonTokenizer:
                                        f"Mistral's chat format: {e}") from None
 
 
-class HFTokenizer:
-    """A Hugging Face `tokenizer.json`, with BOS/EOS from `tokenizer_config.json`/`config.json`."""
+class BackendTokenizer:
+    """A Hugging Face `tokenizers.Tokenizer` (built from tokenizer.json or from GGUF metadata) with
+    its checkpoint's BOS/EOS rules and chat format.
 
-    def __init__(self, directory: Path) -> None:
-        import json
+    `encode(text, bos=True)` adds BOS only when the checkpoint asks for it (`add_bos`), and
+    `eos=True` adds EOS only when `add_eos`. Chat: Mistral's v1 instruct format when
+    `mistral_v1_chat` (a Mistral 7B GGUF), else the checkpoint's Jinja chat template.
+    """
 
-        from tokenizers import Tokenizer as HFRawTokenizer
+    def __init__(self, *, name: str, backend: Any, vocab_size: int, bos_id: int | None,
+                 eos_id: int | None, eos_ids: frozenset[int], add_bos: bool, add_eos: bool,
+                 bos_token: str | None, eos_token: str | None, chat_template: str | None,
+                 mistral_v1_chat: bool = False) -> None:
+        self.name = name
+        self.vocab_size = vocab_size
+        self.bos_id = bos_id
+        self.eos_ids = eos_ids
+        self.add_bos = add_bos
+        self.add_eos = add_eos
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.chat_template = chat_template
+        self.mistral_v1_chat = mistral_v1_chat
+        self._eos_id = eos_id
+        self._tok = backend
 
-        path = directory / HF_TOKENIZER_FILE
-        try:
-            self._tok = HFRawTokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception for bad files
-            raise TokenizerError(f"{path}: cannot load tokenizer ({e})") from None
-        settings: dict[str, Any] = {}
-        for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
-            try:
-                settings.update(json.loads((directory / name).read_text(encoding="utf-8")))
-            except (OSError, ValueError):
-                continue
-        self.name = f"tokenizers {path.name}"
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.bos_id = self._token_id(settings.get("bos_token")) or settings.get("bos_token_id")
-        self.add_bos = bool(settings.get("add_bos_token", self.bos_id is not None))
-        eos = settings.get("eos_token_id")
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        token_eos = self._token_id(settings.get("eos_token"))
-        if token_eos is not None:
-            eos_ids.add(token_eos)
-        self.eos_ids = frozenset(int(i) for i in eos_ids)
-
-    def _token_id(self, token: Any) -> int | None:
-        if isinstance(token, dict):
-            token = token.get("content")
-        if not isinstance(token, str):
-            return None
-        return self._tok.token_to_id(token)
+    @property
+    def backend(self) -> Any:
+        """The underlying `tokenizers.Tokenizer`."""
+        return self._tok
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = list(self._tok.encode(text, add_special_tokens=False).ids)
-        if bos and self.bos_id is not None and self.add_bos:
-            ids.insert(0, int(self.bos_id))
-        if eos and self.eos_ids:
-            ids.append(min(self.eos_ids))
+        if bos and self.add_bos and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        if eos and self.add_eos and self._eos_id is not None:
+            ids.append(self._eos_id)
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=True))
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
-        raise TokenizerError(f"{self.name}: chat templates are not supported yet; "
-                             "use generate() with a formatted prompt")
+        from mistral7b.chat import encode_mistral_v1_chat, render_chat_template
+
+        if self.mistral_v1_chat and self.bos_id is not None and self._eos_id is not None:
+            return encode_mistral_v1_chat(messages, lambda text: self.encode(text, bos=False),
+                                          self.bos_id, self._eos_id)
+        if self.chat_template is None:
+            raise TokenizerError(f"{self.name}: the checkpoint has no chat template; use "
+                                 "generate() with a formatted prompt")
+        text = render_chat_template(self.chat_template, messages, bos_token=self.bos_token,
+                                    eos_token=self.eos_token, add_generation_prompt=True)
+        # The template writes special tokens (BOS included) as text; encode adds none.
+        return self.encode(text, bos=False)
+
+
+def hf_tokenizer(directory: Path) -> BackendTokenizer:
+    """`tokenizer.json`, with BOS/EOS from `tokenizer_config.json`, `config.json` and
+    `generation_config.json`, and the chat template from `chat_template.jinja` or
+    `tokenizer_config.json`."""
+    import json
+
+    from tokenizers import Tokenizer as HFRawTokenizer
+
+    from mistral7b.chat import find_chat_template
+
+    path = directory / HF_TOKENIZER_FILE
+    try:
+        backend = HFRawTokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for bad files
+        raise TokenizerError(f"{path}: cannot load tokenizer ({e})") from None
+    settings: dict[str, Any] = {}
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        try:
+            settings.update(json.loads((directory / name).read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue
+
+    def token_text(value: Any) -> str | None:
+        return value.get("content") if isinstance(value, dict) else value
+
+    bos_token, eos_token = token_text(settings.get("bos_token")), token_text(
+        settings.get("eos_token"))
+    bos_id = backend.token_to_id(bos_token) if bos_token else settings.get("bos_token_id")
+    eos_id = backend.token_to_id(eos_token) if eos_token else None
+    configured = settings.get("eos_token_id")
+    eos_ids = set(configured if isinstance(configured, list) else
+                  [configured] if configured is not None else [])
+    if eos_id is not None:
+        eos_ids.add(eos_id)
+    if eos_id is None and eos_ids:
+        eos_id = min(eos_ids)
+    return BackendTokenizer(
+        name=f"tokenizers {path.name}", backend=backend,
+        vocab_size=backend.get_vocab_size(with_added_tokens=True),
+        bos_id=bos_id, eos_id=eos_id, eos_ids=frozenset(int(i) for i in eos_ids),
+        add_bos=bool(settings.get("add_bos_token", bos_id is not None)),
+        add_eos=bool(settings.get("add_eos_token", False)),
+        bos_token=bos_token, eos_token=eos_token, chat_template=find_chat_template(directory))
 
 
 class MissingTokenizer:
@@ -171,5 +220,5 @@ def find_tokenizer(directory: Path, vocab_size: int) -> Tokenizer:
         if (directory / name).is_file():
             return MistralCommonTokenizer(directory / name)
     if (directory / HF_TOKENIZER_FILE).is_file():
-        return HFTokenizer(directory)
+        return hf_tokenizer(directory)
     return MissingTokenizer(directory, vocab_size)
