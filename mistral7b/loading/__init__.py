@@ -1,15 +1,18 @@
-"""Find out what a model path holds and load it: Mistral native or Hugging Face directories."""
+"""Find out what a model path holds and load it: GGUF files, Mistral native or Hugging Face
+directories."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from mistral7b.config import ModelConfig
-from mistral7b.errors import LoadError
+from mistral7b.config import ModelConfig, is_mistral_7b
+from mistral7b.errors import InvalidArgumentError, LoadError
 from mistral7b.loading import names
 from mistral7b.loading.checkpoint import build_model
+from mistral7b.loading.gguf import read_gguf
 from mistral7b.loading.hf import is_hf, read_hf
 from mistral7b.loading.native import is_native, read_native
 from mistral7b.model import Transformer
@@ -17,24 +20,46 @@ from mistral7b.tokenizer import Tokenizer, find_tokenizer
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu",
-                    progress: bool = True) -> tuple[ModelConfig, Transformer, Tokenizer]:
+                    progress: bool = True, sliding_window: int | None = None
+                    ) -> tuple[ModelConfig, Transformer, Tokenizer]:
+    """sliding_window: None keeps what the checkpoint says; N > 0 forces a window of N tokens;
+    0 forces full attention."""
     path = Path(path).expanduser()
     if not path.exists():
         raise LoadError(f"model path {path} does not exist")
+    tokenizer: Tokenizer | None = None
+    layout: Literal["interleaved", "half_split"] = "interleaved"  # native and GGUF q/k rows
     if path.is_file():
-        if path.suffix == ".gguf":
-            raise LoadError(f"{path}: GGUF files are not supported yet; use a Mistral native or "
-                            "Hugging Face directory")
-        raise LoadError(f"{path} is a file; pass the directory that holds the checkpoint "
-                        "(params.json + consolidated.* or config.json + *.safetensors)")
-    if is_native(path):
+        if path.suffix != ".gguf":
+            raise LoadError(f"{path} is a file but not a .gguf; for other formats pass the "
+                            "directory that holds the checkpoint (params.json + consolidated.* "
+                            "or config.json + *.safetensors)")
+        config, tensors, metadata = read_gguf(path)
+        name_map = names.GGUF
+        if "tokenizer.ggml.model" in metadata:
+            from mistral7b.tokenizer_gguf import tokenizer_from_gguf
+
+            gguf_tokenizer = tokenizer_from_gguf(metadata, str(path))
+            # Mistral 7B GGUFs chat in Mistral's v1 instruct format (mistral-common's encoding),
+            # whatever template a converter may have stored.
+            gguf_tokenizer.mistral_v1_chat = is_mistral_7b(config)
+            tokenizer = gguf_tokenizer
+    elif is_native(path):
         config, tensors = read_native(path)
-        model = build_model(config, tensors, names.NATIVE, "interleaved", dtype, device, progress)
+        name_map = names.NATIVE
     elif is_hf(path):
         config, tensors = read_hf(path)
-        model = build_model(config, tensors, names.HF, "half_split", dtype, device, progress)
+        name_map, layout = names.HF, "half_split"
     else:
         raise LoadError(f"{path}: not a model directory: expected params.json with "
                         "consolidated.safetensors/consolidated.00.pth (Mistral native) or "
-                        "config.json with *.safetensors (Hugging Face)")
-    return config, model, find_tokenizer(path, config.vocab_size)
+                        "config.json with *.safetensors (Hugging Face), or a .gguf file")
+    if sliding_window is not None:
+        if sliding_window < 0:
+            raise InvalidArgumentError(f"sliding_window must be >= 0 (got {sliding_window}); "
+                                       "0 means full attention")
+        config = config.replace(sliding_window=sliding_window or None)
+    model = build_model(config, tensors, name_map, layout, dtype, device, progress)
+    if tokenizer is None:
+        tokenizer = find_tokenizer(path, config.vocab_size)
+    return config, model, tokenizer
