@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mistral7b tests
+	$(VENV)/bin/ruff check mistral7b tests benchmarks
 	$(VENV)/bin/mypy mistral7b
 
 test: lint
