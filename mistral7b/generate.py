@@ -70,7 +70,7 @@ def prefill(model: Transformer, cache: RollingCache, rows: list[int],
     prompt's last token."""
     if chunk_size < 1:
         raise InvalidArgumentError(f"chunk_size must be >= 1 (got {chunk_size})")
-    device = model.tok_embeddings.weight.device
+    device = model.device
     last = torch.empty(len(rows), model.config.vocab_size)
     longest = max(len(p) for p in prompts)
     for start in range(0, longest, chunk_size):
@@ -88,7 +88,7 @@ def prefill(model: Transformer, cache: RollingCache, rows: list[int],
 def decode_step(model: Transformer, cache: RollingCache, rows: list[int], tokens: list[int]
                 ) -> torch.Tensor:
     """One new token for each row; (B, vocab) logits."""
-    device = model.tok_embeddings.weight.device
+    device = model.device
     return model(torch.tensor(tokens, device=device)[:, None], cache, rows=rows,
                  last_only=True).cpu()
 
@@ -98,8 +98,8 @@ def all_logits(model: Transformer, prompt: Sequence[int], chunk_size: int,
                dtype: torch.dtype) -> torch.Tensor:
     """(T, vocab) float32 logits of every position of one sequence, pre-filled in chunks."""
     cache = RollingCache(model.config, rows=1, dtype=dtype,
-                         device=model.tok_embeddings.weight.device)
-    device = model.tok_embeddings.weight.device
+                         device=model.device)
+    device = model.device
     out = []
     for start in range(0, len(prompt), chunk_size):
         tokens = torch.tensor([list(prompt[start:start + chunk_size])], device=device)
@@ -150,7 +150,7 @@ def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]],
     for prompt, p in zip(prompts, params, strict=True):
         check_prompt(model.config, prompt, p.max_tokens)
     cache = RollingCache(model.config, rows=len(prompts), dtype=dtype,
-                         device=model.tok_embeddings.weight.device)
+                         device=model.device)
     seqs = [_Sequence(prompt, p, decode, eos_ids) for prompt, p in zip(prompts, params,
                                                                       strict=True)]
     rows = list(range(len(prompts)))

@@ -17,6 +17,7 @@ from torch import nn
 
 from mistral7b.cache import CacheStep, RollingCache
 from mistral7b.config import ModelConfig
+from mistral7b.quant.modules import QuantEmbedding
 from mistral7b.rope import apply_rope, rope_cos_sin
 
 
@@ -87,11 +88,16 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_embeddings: nn.Module = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # Tied models (many Llama-family ones) reuse the embedding matrix as the output head.
-        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output: nn.Module | None = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False))
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
 
     def forward(self, tokens: torch.Tensor, cache: RollingCache, rows: list[int] | None = None,
                 n_new: list[int] | None = None, last_only: bool = False) -> torch.Tensor:
@@ -114,6 +120,14 @@ class Transformer(nn.Module):
         if last_only:
             last = torch.tensor(n_new, device=h.device) - 1
             h = h[torch.arange(B, device=h.device), last.clamp(min=0)]   # (B, dim)
-        h = self.norm(h)
-        head = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, head).float()
+        return self.head(self.norm(h)).float()
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The output projection; a tied model reuses the embedding matrix (packed or not)."""
+        if self.output is not None:
+            return self.output(h)
+        embedding = self.tok_embeddings
+        if isinstance(embedding, QuantEmbedding):
+            return embedding.linear(h)
+        assert isinstance(embedding, nn.Embedding)
+        return F.linear(h, embedding.weight)

@@ -21,7 +21,14 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def llm() -> mistral7b.LLM:
+    """As users run it: quantized weights packed, fast kernels."""
     return mistral7b.load()
+
+
+@pytest.fixture(scope="module")
+def llm_fp32() -> mistral7b.LLM:
+    """Dequantized to fp32 at load, like transformers does with a GGUF: the parity path."""
+    return mistral7b.load(dequantize=True)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +42,8 @@ def hf() -> tuple[object, object]:
     return tok, model
 
 
-def test_chat_prompt_and_greedy_answer_match_transformers(llm, hf) -> None:
+def test_chat_prompt_and_greedy_answer_match_transformers(llm_fp32, hf) -> None:
+    llm = llm_fp32
     tok, model = hf
     ours = llm.tokenizer.encode_chat(QUESTION)
     theirs = tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True,

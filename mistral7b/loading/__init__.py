@@ -20,10 +20,11 @@ from mistral7b.tokenizer import Tokenizer, find_tokenizer
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu",
-                    progress: bool = True, sliding_window: int | None = None
-                    ) -> tuple[ModelConfig, Transformer, Tokenizer]:
+                    progress: bool = True, sliding_window: int | None = None,
+                    dequantize: bool = False) -> tuple[ModelConfig, Transformer, Tokenizer]:
     """sliding_window: None keeps what the checkpoint says; N > 0 forces a window of N tokens;
-    0 forces full attention."""
+    0 forces full attention. dequantize: turn quantized GGUF tensors into `dtype` at load instead
+    of keeping them packed."""
     path = Path(path).expanduser()
     if not path.exists():
         raise LoadError(f"model path {path} does not exist")
@@ -34,7 +35,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device |
             raise LoadError(f"{path} is a file but not a .gguf; for other formats pass the "
                             "directory that holds the checkpoint (params.json + consolidated.* "
                             "or config.json + *.safetensors)")
-        config, tensors, metadata = read_gguf(path)
+        config, tensors, metadata = read_gguf(path, dequantize)
         name_map = names.GGUF
         if "tokenizer.ggml.model" in metadata:
             from mistral7b.tokenizer_gguf import tokenizer_from_gguf

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from mistral7b.config import ModelConfig
@@ -48,9 +49,12 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 @dataclass(frozen=True)
 class TensorRef:
     name: str                       # as written in the checkpoint
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]          # the logical (float) shape
     read: Callable[[], torch.Tensor]
     file: str                       # for error messages
+    # A block format ("Q4_1", ...) when `read` returns the packed blocks, (rows, row_bytes)
+    # uint8, to be kept compact in a QuantLinear / QuantEmbedding.
+    packed: str | None = None
 
 
 # ---- reading files ------------------------------------------------------------------------
@@ -192,6 +196,10 @@ def build_model(config: ModelConfig, tensors: Sequence[TensorRef], name_map: nam
         raise LoadError(f"checkpoint {_some(files)} does not match its configuration "
                         f"({config.source}): " + "; ".join(problems))
 
+    for name, ref in ours.items():
+        if ref.packed is not None:
+            _install_packed(model, name, ref.packed, dtype)
+
     state: dict[str, torch.Tensor] = {}
     for name, ref in tqdm(ours.items(), desc="loading weights", unit="tensor",
                           disable=None if progress else True, leave=False):
@@ -202,10 +210,30 @@ def build_model(config: ModelConfig, tensors: Sequence[TensorRef], name_map: nam
         heads_attr = names.rope_heads_attr(name)
         if heads_attr is not None and rope_layout != "interleaved":
             tensor = permute_rope_rows(tensor, getattr(config, heads_attr), to="interleaved")
-        state[name] = tensor.to(device=device, dtype=dtype)
+        # Packed blocks stay uint8; float tensors take the model's dtype.
+        state[name] = tensor.to(device) if ref.packed else tensor.to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _install_packed(model: Transformer, name: str, fmt: str, dtype: torch.dtype) -> None:
+    """Swap the nn.Linear / nn.Embedding owning `name` for its packed counterpart (on meta)."""
+    from mistral7b.quant.modules import QuantEmbedding, QuantLinear
+
+    path = name.removesuffix(".weight")
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    module = getattr(parent, attr)
+    with torch.device("meta"):
+        if isinstance(module, nn.Linear):
+            packed: nn.Module = QuantLinear(module.in_features, module.out_features, fmt)
+        elif isinstance(module, nn.Embedding):
+            packed = QuantEmbedding(module.num_embeddings, module.embedding_dim, fmt, dtype)
+        else:
+            raise LoadError(f"tensor {name} is packed ({fmt}) but its module is a "
+                            f"{type(module).__name__}")
+    setattr(parent, attr, packed)
 
 
 def _some(items: Sequence[str], limit: int = 6) -> str:

@@ -16,6 +16,7 @@ import torch
 from mistral7b.config import ModelConfig
 from mistral7b.errors import LoadError
 from mistral7b.loading.checkpoint import TensorRef
+from mistral7b.quant.formats import FORMATS
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 
@@ -62,7 +63,9 @@ def gguf_metadata(reader: Any) -> dict[str, Any]:
     return {name: field.contents() for name, field in reader.fields.items()}
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, list[TensorRef], dict[str, Any]]:
+def read_gguf(path: Path, dequantize: bool = False
+              ) -> tuple[ModelConfig, list[TensorRef], dict[str, Any]]:
+    """Quantized tensors stay packed (read as uint8 blocks) unless `dequantize`."""
     reader = open_gguf(path)
     for t in reader.tensors:
         if t.tensor_type.name not in SUPPORTED_TYPES:
@@ -78,8 +81,20 @@ def read_gguf(path: Path) -> tuple[ModelConfig, list[TensorRef], dict[str, Any]]
     tensors = []
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
-        tensors.append(TensorRef(t.name, shape, _dequantizer(t, shape), str(path)))
+        kind = t.tensor_type.name
+        if kind in FORMATS and not dequantize:
+            tensors.append(TensorRef(t.name, shape, _packed_reader(t), str(path), packed=kind))
+        else:
+            tensors.append(TensorRef(t.name, shape, _dequantizer(t, shape), str(path)))
     return config, tensors, metadata
+
+
+def _packed_reader(tensor: Any) -> Callable[[], torch.Tensor]:
+    def read() -> torch.Tensor:
+        # A copy: the memory map is read-only, and the copy leaves the file free to close.
+        return torch.from_numpy(np.array(tensor.data, dtype=np.uint8, copy=True))
+
+    return read
 
 
 def _dequantizer(tensor: Any, shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:

@@ -1,0 +1,64 @@
+"""GGUF block formats: how many values a block holds, how many bytes it takes, and how to turn
+blocks back into floats with plain PyTorch (the portable path, and the reference the fast
+kernels are tested against together with `gguf.quants.dequantize`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    name: str
+    ggml_type: int      # the id GGUF files store
+    block_size: int     # values per block
+    block_bytes: int
+
+    def row_bytes(self, n: int) -> int:
+        if n % self.block_size:
+            raise ValueError(f"{self.name}: a row of {n} values is not whole blocks of "
+                             f"{self.block_size}")
+        return n // self.block_size * self.block_bytes
+
+
+FORMATS = {f.name: f for f in (
+    BlockFormat("Q8_0", 8, 32, 34),
+    BlockFormat("Q4_0", 2, 32, 18),
+    BlockFormat("Q4_1", 3, 32, 20),
+    BlockFormat("Q4_K", 12, 256, 144),
+    BlockFormat("Q5_K", 13, 256, 176),
+    BlockFormat("Q6_K", 14, 256, 210),
+)}
+
+
+def _f16(blocks: torch.Tensor, offset: int) -> torch.Tensor:
+    """The float16 at byte `offset` of every block, as float32 (n_blocks, 1)."""
+    return blocks[:, offset:offset + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(n, 16) bytes -> (n, 32) values: the low nibbles, then the high nibbles."""
+    return torch.cat((qs & 0x0F, qs >> 4), dim=1).float()
+
+
+def dequantize(raw: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Rows of blocks (N, row_bytes) uint8 -> (N, K) float32."""
+    spec = FORMATS[fmt]
+    rows = raw.shape[0]
+    blocks = raw.reshape(-1, spec.block_bytes)
+    if fmt == "Q8_0":
+        values = _f16(blocks, 0) * blocks[:, 2:].contiguous().view(torch.int8).float()
+    elif fmt == "Q4_0":
+        values = _f16(blocks, 0) * (_nibbles(blocks[:, 2:]) - 8)
+    elif fmt == "Q4_1":
+        values = _f16(blocks, 0) * _nibbles(blocks[:, 4:]) + _f16(blocks, 2)
+    else:  # K-quants: the gguf package's NumPy code (correct, not fast)
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize as np_dequantize
+
+        flat = np_dequantize(raw.cpu().numpy(), GGMLQuantizationType[fmt])
+        return torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32)).reshape(rows, -1)
+    return values.reshape(rows, -1)

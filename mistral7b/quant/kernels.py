@@ -1,0 +1,85 @@
+"""The one place that picks how a quantized matmul runs.
+
+Fast path: a C++ extension (csrc/qmatmul.cpp, AVX2 + FMA + F16C) compiled on first use with
+torch.utils.cpp_extension and cached. Portable path: dequantize with PyTorch, then F.linear.
+The fast path is used when the CPU has AVX2, the extension builds, and MISTRAL7B_KERNELS is not
+set to "torch".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from mistral7b.quant.formats import FORMATS, dequantize
+
+log = logging.getLogger("mistral7b")
+
+# Formats the C++ kernels implement; the K-quants take the portable path for now.
+FAST_FORMATS = {"Q8_0", "Q4_0", "Q4_1"}
+
+# Up to this many rows of x, the 8-bit integer kernel; above it, dequantize the weight once and
+# let the BLAS matmul do the work (pre-fill is compute-bound, decode is bandwidth-bound).
+INT8_MAX_ROWS = 16
+
+_lock = threading.Lock()
+_extension: ModuleType | None = None
+_tried = False
+
+
+def _cpu_has_avx2() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def extension() -> ModuleType | None:
+    """The compiled kernels, building them on first use; None when unavailable."""
+    global _extension, _tried
+    if _tried:
+        return _extension
+    with _lock:
+        if _tried:
+            return _extension
+        _tried = True
+        if os.environ.get("MISTRAL7B_KERNELS", "").lower() == "torch":
+            log.info("MISTRAL7B_KERNELS=torch: using the portable PyTorch kernels")
+        elif not _cpu_has_avx2():
+            log.warning("this CPU has no AVX2: using the portable (slower) PyTorch kernels")
+        else:
+            _extension = _build()
+    return _extension
+
+
+def _build() -> ModuleType | None:
+    from torch.utils.cpp_extension import load
+
+    source = Path(__file__).parent / "csrc" / "qmatmul.cpp"
+    try:
+        return load(name="mistral7b_qmatmul", sources=[str(source)],
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # a missing compiler or headers: run, slower, rather than fail
+        log.warning("could not build the AVX2 kernels (%s); using the portable PyTorch "
+                    "kernels", str(e).strip().splitlines()[-1] if str(e).strip() else e)
+        return None
+
+
+def dequantize_rows(raw: torch.Tensor, fmt: str) -> torch.Tensor:
+    """(N, row_bytes) uint8 -> (N, K) float32."""
+    ext = extension() if fmt in FAST_FORMATS and raw.device.type == "cpu" else None
+    if ext is not None:
+        return ext.dequantize(raw, FORMATS[fmt].ggml_type)
+    return dequantize(raw, fmt)
+
+
+def linear(x: torch.Tensor, raw: torch.Tensor, fmt: str) -> torch.Tensor:
+    """x (M, K) float32 @ W.T for W stored as (N, row_bytes) blocks of `fmt`; (M, N) float32."""
+    ext = extension() if fmt in FAST_FORMATS and x.device.type == "cpu" else None
+    if ext is not None and x.shape[0] <= INT8_MAX_ROWS:
+        return ext.qmatmul(x, raw, FORMATS[fmt].ggml_type)
+    return F.linear(x, dequantize_rows(raw, fmt))
