@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from mistral7b.errors import ContextLengthError, Mistral7BError
+from mistral7b.errors import ContextLengthError, InvalidArgumentError, Mistral7BError
 
 if TYPE_CHECKING:
     from mistral7b.generate import StreamPiece
@@ -37,7 +37,15 @@ def _load(args: argparse.Namespace, progress: bool = True) -> LLM:
     import mistral7b
 
     return mistral7b.load(args.model, dtype=args.dtype, device=args.device, progress=progress,
-                          sliding_window=args.sliding_window)
+                          sliding_window=args.sliding_window,
+                          dequantize=getattr(args, "dequantize", False))
+
+
+def torch_threads() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -174,7 +182,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     llm = _load(args, progress=False)
     cfg = llm.config
-    weight_bytes = sum(p.nbytes for p in llm.model.parameters())
+    weight_bytes = sum(t.nbytes for t in [*llm.model.parameters(), *llm.model.buffers()])
     per_token = cfg.kv_bytes_per_token(llm.dtype.itemsize)
     window = cfg.sliding_window
     rows = [
@@ -204,6 +212,33 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
+                                         ) from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import time
+
+    from mistral7b import bench
+
+    start = time.perf_counter()
+    llm = _load(args, progress=not args.json)
+    load_s = time.perf_counter() - start
+    if any(t < 1 for t in args.threads) or any(b < 1 for b in args.batch) or args.repetitions < 1:
+        raise InvalidArgumentError("--threads, --batch and --repetitions must be >= 1")
+    results = bench.run(llm, [n for n in args.n_prompt if n], [n for n in args.n_gen if n],
+                        args.depth, args.batch, args.threads, args.repetitions)
+    print(bench.report(llm, results, load_s, args.json))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mistral7b", description="Run Mistral-family models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -225,6 +260,25 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--stats", action="store_true", help="print timing to stderr")
     _add_sampling_args(chat, max_tokens=512)
     chat.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="prefill (pp) and decode (tg) speed, like llama-bench")
+    _add_model_args(bench)
+    bench.add_argument("--dequantize", action="store_true",
+                       help="expand quantized GGUF weights to --dtype (the unquantized path)")
+    bench.add_argument("-p", "--n-prompt", type=_int_list, default=[128], metavar="N[,N]",
+                       help="prompt sizes for pp tests (default: 128; 0 = none)")
+    bench.add_argument("-n", "--n-gen", type=_int_list, default=[128], metavar="N[,N]",
+                       help="tokens for tg tests (default: 128; 0 = none)")
+    bench.add_argument("-d", "--depth", type=_int_list, default=[0], metavar="N[,N]",
+                       help="tokens already in the cache (default: 0)")
+    bench.add_argument("-b", "--batch", type=_int_list, default=[1], metavar="N[,N]",
+                       help="sequences decoded together in tg tests (default: 1)")
+    bench.add_argument("-t", "--threads", type=_int_list, default=[torch_threads()],
+                       metavar="N[,N]", help="threads (default: all cores)")
+    bench.add_argument("-r", "--repetitions", type=int, default=3,
+                       help="timed runs of each test, after one warm-up (default: 3)")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.set_defaults(func=cmd_bench)
 
     info = sub.add_parser("info", help="describe a model: architecture, window, size, tokenizer")
     _add_model_args(info)

@@ -11,14 +11,16 @@ RollingCache, which also decides which keys each query may see (the window, caus
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mistral7b.cache import CacheStep, RollingCache
 from mistral7b.config import ModelConfig
-from mistral7b.quant.modules import QuantEmbedding
-from mistral7b.rope import apply_rope, rope_cos_sin
+from mistral7b.quant.modules import QuantEmbedding, QuantLinear
+from mistral7b.rope import apply_rope, rope_rotations
 
 
 class RMSNorm(nn.Module):
@@ -29,8 +31,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 whatever the weights' dtype, as the reference does.
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.type_as(x) * self.weight
 
 
@@ -42,21 +43,52 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wqkv: nn.Module | None = None  # wq, wk, wv as one matrix, after fuse()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def fuse(self) -> None:
+        """Replace wq, wk, wv by one projection (one matmul instead of three per token)."""
+        fused = fuse_linears([self.wq, self.wk, self.wv])
+        if fused is not None:
+            self.wqkv = fused
+            del self.wq, self.wk, self.wv
+
+    def forward(self, x: torch.Tensor, rotations: torch.Tensor,
                 cache: RollingCache, layer: int, step: CacheStep) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)          # (B, T, H, hd)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)       # (B, T, Hkv, hd)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.wqkv is not None:
+            qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, hd)
+            qk = apply_rope(qkv[:, :, : H + Hkv], rotations)            # one rotation for both
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
+        else:
+            q = apply_rope(self.wq(x).view(B, T, H, hd), rotations)     # (B, T, H, hd)
+            k = apply_rope(self.wk(x).view(B, T, Hkv, hd), rotations)   # (B, T, Hkv, hd)
+            v = self.wv(x).view(B, T, Hkv, hd)
         keys, values = cache.update(layer, step, k, v)                  # (B, K, Hkv, hd)
-        # Query head h reads kv head h // (H / Hkv); enable_gqa shares K/V across the group
-        # instead of the caller materialising repeated copies.
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
-            attn_mask=step.mask, enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, hd)
-        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        if T == 1:
+            out = self._decode_attention(q, keys, values, step.mask)    # (B, 1, H, hd)
+        else:
+            # Query head h reads kv head h // (H / Hkv); enable_gqa shares K/V across the
+            # group instead of materialising repeated copies.
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype),
+                values.transpose(1, 2).to(q.dtype), attn_mask=step.mask,
+                enable_gqa=self.n_heads != self.n_kv_heads).transpose(1, 2)  # (B, T, H, hd)
+        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
+
+    def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                          mask: torch.Tensor) -> torch.Tensor:
+        """One query per sequence: plain matmuls, cheaper than the fused kernel's set-up at this
+        size. The G = H / Hkv query heads sharing a kv head are one matrix against it."""
+        B, _, H, D = q.shape
+        G = H // self.n_kv_heads
+        q = q.view(B, self.n_kv_heads, G, D)                            # (B, Hkv, G, hd)
+        k = keys.transpose(1, 2).to(q.dtype)                            # (B, Hkv, K, hd)
+        v = values.transpose(1, 2).to(q.dtype)
+        scores = (q @ k.transpose(2, 3)) * D**-0.5                      # (B, Hkv, G, K)
+        scores = scores.masked_fill(~mask, float("-inf"))               # mask: (B, 1, 1, K)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return (probs @ v).view(B, 1, H, D)
 
 
 class FeedForward(nn.Module):
@@ -65,9 +97,41 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)   # gate
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)   # down
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)   # up
+        self.w13: nn.Module | None = None  # w1 and w3 as one matrix, after fuse()
+
+    def fuse(self) -> None:
+        fused = fuse_linears([self.w1, self.w3])
+        if fused is not None:
+            self.w13 = fused
+            del self.w1, self.w3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
+    """One layer computing the concatenated outputs of `layers` (same input, same weight
+    format); None when they cannot be stacked (e.g. mixed quantization types)."""
+    if all(isinstance(lay, QuantLinear) for lay in layers):
+        packed = cast(list[QuantLinear], layers)
+        if len({lay.fmt for lay in packed}) != 1:
+            return None
+        fused = QuantLinear(packed[0].in_features, sum(lay.out_features for lay in packed),
+                            packed[0].fmt, device="meta")
+        fused.weight = torch.cat([lay.weight for lay in packed])
+        return fused
+    if not all(type(lay) is nn.Linear for lay in layers):
+        return None
+    weights = [cast(nn.Linear, lay).weight for lay in layers]
+    if len({w.dtype for w in weights}) != 1:
+        return None
+    linear = nn.Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias=False,
+                       device="meta")
+    linear.weight = nn.Parameter(torch.cat(weights), requires_grad=False)
+    return linear
 
 
 class Block(nn.Module):
@@ -78,9 +142,9 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, rotations: torch.Tensor,
                 cache: RollingCache, layer: int, step: CacheStep) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, step)
+        h = x + self.attention(self.attention_norm(x), rotations, cache, layer, step)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -94,6 +158,14 @@ class Transformer(nn.Module):
         # Tied models (many Llama-family ones) reuse the embedding matrix as the output head.
         self.output: nn.Module | None = (
             None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False))
+
+    def fuse(self) -> None:
+        """Stack the projections that share an input (q/k/v, gate/up) into one matmul each;
+        done once after loading."""
+        for layer in self.layers:
+            assert isinstance(layer, Block)
+            layer.attention.fuse()
+            layer.feed_forward.fuse()
 
     @property
     def device(self) -> torch.device:
@@ -112,10 +184,10 @@ class Transformer(nn.Module):
         rows = list(range(B)) if rows is None else rows
         n_new = [T] * B if n_new is None else n_new
         step = cache.begin(rows, n_new)
-        cos, sin = rope_cos_sin(step.positions, self.config.head_dim, self.config.rope_theta)
+        rotations = rope_rotations(step.positions, self.config.head_dim, self.config.rope_theta)
         h = self.tok_embeddings(tokens)                                  # (B, T, dim)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache, i, step)
+            h = layer(h, rotations, cache, i, step)
         cache.end(step)
         if last_only:
             last = torch.tensor(n_new, device=h.device) - 1

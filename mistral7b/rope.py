@@ -14,25 +14,24 @@ from typing import Literal
 import torch
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every (position, pair) angle, float32.
+def rope_rotations(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """The unit complex number cos(a) + i sin(a) for every (position, pair) angle
+    a = position * theta^(-2i/head_dim).
 
-    positions: (B, T) absolute token positions. Returns two tensors of shape (B, T, 1, head_dim/2),
-    ready to broadcast over heads.
+    positions: (B, T) absolute token positions. Returns complex64 (B, T, 1, head_dim/2), ready to
+    broadcast over heads.
     """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
     inv_freq = 1.0 / (theta ** (exponents / head_dim))                  # (head_dim/2,)
     angles = positions.float()[..., None] * inv_freq                    # (B, T, head_dim/2)
-    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+    return torch.complex(angles.cos(), angles.sin())[:, :, None, :]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x: (B, T, H, head_dim), in float32, returned in x's dtype."""
-    pairs = x.float().unflatten(-1, (-1, 2))                            # (B, T, H, head_dim/2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved pairs (2i, 2i+1) of x: (B, T, H, head_dim), read as complex
+    numbers, in float32; returned in x's dtype."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))     # (B, T, H, head_dim/2)
+    return torch.view_as_real(pairs * rotations).flatten(-2).type_as(x)
 
 
 def permute_rope_rows(weight: torch.Tensor, n_heads: int,

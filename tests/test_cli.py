@@ -54,3 +54,22 @@ def test_bad_flag_value_is_an_argparse_error() -> None:
     proc = run("generate", "--model", "x", "--max-tokens", "many")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "invalid int value" in proc.stderr
+
+
+def test_bench_reports_every_test_as_json(native_v1_dir: Path) -> None:
+    import json
+
+    proc = run("bench", "--model", str(native_v1_dir), "-p", "16", "-n", "4", "-b", "1,3",
+               "-d", "0,20", "-r", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    tests = [(r["test"], r["depth"], r["batch"]) for r in report["results"]]
+    assert tests == [("pp16", 0, 1), ("tg4", 0, 1), ("tg4", 0, 3),
+                     ("pp16", 20, 1), ("tg4", 20, 1), ("tg4", 20, 3)]
+    assert all(r["tokens_per_s"] > 0 and len(r["runs"]) == 2 for r in report["results"])
+    assert report["load_s"] > 0 and report["peak_rss_mib"] > 0
+
+
+def test_bench_rejects_bad_lists() -> None:
+    proc = run("bench", "-p", "12,x")
+    assert proc.returncode == 2 and "comma-separated integers" in proc.stderr

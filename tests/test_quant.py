@@ -90,7 +90,8 @@ def test_loading_a_q4_gguf_keeps_the_weights_packed() -> None:
     model = llm.model
     float_bytes = sum(p.nbytes for p in model.parameters())
     packed = [m for m in model.modules() if isinstance(m, QuantLinear | QuantEmbedding)]
-    assert len(packed) == 7 * llm.config.n_layers + 1       # 7 matrices a layer + the embedding
+    # q/k/v and gate/up are stacked at load: 4 packed matrices a layer, and the embedding.
+    assert len(packed) == 4 * llm.config.n_layers + 1
     assert all(m.weight.dtype == torch.uint8 for m in packed)
     assert all(p.dim() == 1 for p in model.parameters())     # only the norms are float
     packed_bytes = sum(m.weight.nbytes for m in packed)

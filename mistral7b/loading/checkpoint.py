@@ -214,6 +214,7 @@ def build_model(config: ModelConfig, tensors: Sequence[TensorRef], name_map: nam
         state[name] = tensor.to(device) if ref.packed else tensor.to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
+    model.fuse()
     return model.eval()
 
 

@@ -24,9 +24,11 @@ class QuantLinear(nn.Module):
                                                    device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).float()
-        y = kernels.linear(flat, self.weight, self.fmt)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        flat = x.reshape(-1, self.in_features)
+        y = kernels.linear(flat if flat.dtype == torch.float32 else flat.float(), self.weight,
+                           self.fmt)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.fmt}"
