@@ -28,6 +28,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weight and activation dtype (default: float32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--quantize", choices=["q8_0", "q4_0", "q4_1"], default=None,
+                   help="pack a float checkpoint's linear weights into this GGUF block format "
+                        "at load (fast CPU kernels, 4-7x less memory than fp32)")
     p.add_argument("--sliding-window", type=int, default=None, metavar="N",
                    help="override the attention window (0 = full attention; default: the "
                         "checkpoint's, 4096 for Mistral 7B v0.1 GGUFs)")
@@ -38,7 +41,7 @@ def _load(args: argparse.Namespace, progress: bool = True) -> LLM:
 
     return mistral7b.load(args.model, dtype=args.dtype, device=args.device, progress=progress,
                           sliding_window=args.sliding_window,
-                          dequantize=getattr(args, "dequantize", False))
+                          dequantize=getattr(args, "dequantize", False), quantize=args.quantize)
 
 
 def torch_threads() -> int:

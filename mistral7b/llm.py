@@ -133,17 +133,19 @@ def _no_text(ids: list[int]) -> str:
 
 def load(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
          device: str | torch.device = "cpu", progress: bool = True,
-         sliding_window: int | None = None, dequantize: bool = False) -> LLM:
+         sliding_window: int | None = None, dequantize: bool = False,
+         quantize: str | None = None) -> LLM:
     """Load a Mistral-family model: a .gguf file, a Mistral native or a Hugging Face directory;
     without a path, the embedded default model (SmolLM2-135M-Instruct).
 
     sliding_window: None keeps the checkpoint's (Mistral 7B v0.1 GGUFs, which carry no window
     key, get W = 4096); N > 0 forces a window of N tokens; 0 forces full attention.
     Quantized GGUF weights stay packed in memory (Q8_0/Q4_0/Q4_1 run on AVX2 kernels) unless
-    dequantize=True, which expands them to `dtype` at load.
+    dequantize=True, which expands them to `dtype` at load. quantize="q8_0" | "q4_0" | "q4_1"
+    packs the float weights of a native or Hugging Face checkpoint at load.
     """
     torch_dtype = parse_dtype(dtype)
     resolved = Path(path) if path is not None else default_model_path()
     _, model, tokenizer = load_checkpoint(resolved, torch_dtype, device, progress, sliding_window,
-                                        dequantize)
+                                        dequantize, quantize)
     return LLM(model, tokenizer, torch_dtype, resolved)

@@ -158,3 +158,23 @@ def test_checkpoint_without_tokenizer_still_runs_on_token_ids(mistral_dir: Path)
         llm.generate("hello", max_tokens=4)
     with pytest.raises(mistral7b.TokenizerError, match="no tokenizer"):
         llm.tokenizer.decode([1, 2])
+
+
+@pytest.mark.parametrize(("fmt", "tolerance"), [("q8_0", 0.02), ("q4_0", 0.3), ("q4_1", 0.3)])
+def test_quantize_a_float_checkpoint_at_load(hf_mistral, mistral_dir: Path, fmt: str,
+                                             tolerance: float) -> None:
+    from mistral7b.quant.modules import QuantLinear
+
+    llm = mistral7b.load(mistral_dir, quantize=fmt)
+    packed = [m for m in llm.model.modules() if isinstance(m, QuantLinear)]
+    # q/k/v, wo, gate/up, down in each layer, and the output head; all uint8 blocks of `fmt`.
+    assert len(packed) == 4 * llm.config.n_layers + 1
+    assert all(m.fmt == fmt.upper() and m.weight.dtype == torch.uint8 for m in packed)
+    with torch.no_grad():
+        reference = hf_mistral(torch.tensor([IDS])).logits[0]
+    assert (llm.logits(IDS) - reference).abs().max().item() < tolerance
+
+
+def test_unknown_quantization_is_refused(mistral_dir: Path) -> None:
+    with pytest.raises(InvalidArgumentError, match="unknown quantization 'q3_k'"):
+        mistral7b.load(mistral_dir, quantize="q3_k")

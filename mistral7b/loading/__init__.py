@@ -21,10 +21,11 @@ from mistral7b.tokenizer import Tokenizer, find_tokenizer
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu",
                     progress: bool = True, sliding_window: int | None = None,
-                    dequantize: bool = False) -> tuple[ModelConfig, Transformer, Tokenizer]:
+                    dequantize: bool = False, quantize: str | None = None
+                    ) -> tuple[ModelConfig, Transformer, Tokenizer]:
     """sliding_window: None keeps what the checkpoint says; N > 0 forces a window of N tokens;
     0 forces full attention. dequantize: turn quantized GGUF tensors into `dtype` at load instead
-    of keeping them packed."""
+    of keeping them packed. quantize: "q8_0" | "q4_0" | "q4_1" packs float linear weights."""
     path = Path(path).expanduser()
     if not path.exists():
         raise LoadError(f"model path {path} does not exist")
@@ -60,7 +61,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device |
             raise InvalidArgumentError(f"sliding_window must be >= 0 (got {sliding_window}); "
                                        "0 means full attention")
         config = config.replace(sliding_window=sliding_window or None)
-    model = build_model(config, tensors, name_map, layout, dtype, device, progress)
+    model = build_model(config, tensors, name_map, layout, dtype, device, progress, quantize)
     if tokenizer is None:
         tokenizer = find_tokenizer(path, config.vocab_size)
     return config, model, tokenizer

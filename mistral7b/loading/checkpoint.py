@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -158,12 +159,16 @@ def _file_size(path: Path) -> int:
 
 def build_model(config: ModelConfig, tensors: Sequence[TensorRef], name_map: names.NameMap,
                 rope_layout: Literal["interleaved", "half_split"], dtype: torch.dtype,
-                device: torch.device | str = "cpu", progress: bool = True) -> Transformer:
+                device: torch.device | str = "cpu", progress: bool = True,
+                quantize: str | None = None) -> Transformer:
     """Rename, check and load checkpoint tensors into a Transformer of `config`.
 
     The check is strict: a tensor the model needs but the checkpoint lacks, a tensor the model
     does not know, or a shape mismatch is a LoadError naming every offending tensor.
+    quantize ("q8_0", "q4_0", "q4_1"): pack the float weights of every linear layer into that
+    block format at load (embeddings, norms and already-packed tensors are left as they are).
     """
+    fmt = _quantize_format(quantize)
     with torch.device("meta"):
         model = Transformer(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -196,9 +201,16 @@ def build_model(config: ModelConfig, tensors: Sequence[TensorRef], name_map: nam
         raise LoadError(f"checkpoint {_some(files)} does not match its configuration "
                         f"({config.source}): " + "; ".join(problems))
 
+    # Which tensors end up packed: those the file stores packed, and with `quantize` the float
+    # weights of linear layers whose rows are whole blocks.
+    packed: dict[str, str] = {}
     for name, ref in ours.items():
         if ref.packed is not None:
-            _install_packed(model, name, ref.packed, dtype)
+            packed[name] = ref.packed
+        elif fmt and _is_linear_weight(model, name) and ref.shape[1] % 32 == 0:
+            packed[name] = fmt
+    for name, block_format in packed.items():
+        _install_packed(model, name, block_format, dtype)
 
     state: dict[str, torch.Tensor] = {}
     for name, ref in tqdm(ours.items(), desc="loading weights", unit="tensor",
@@ -210,12 +222,41 @@ def build_model(config: ModelConfig, tensors: Sequence[TensorRef], name_map: nam
         heads_attr = names.rope_heads_attr(name)
         if heads_attr is not None and rope_layout != "interleaved":
             tensor = permute_rope_rows(tensor, getattr(config, heads_attr), to="interleaved")
+        if name in packed and ref.packed is None:
+            tensor = _pack(tensor, packed[name])
         # Packed blocks stay uint8; float tensors take the model's dtype.
-        state[name] = tensor.to(device) if ref.packed else tensor.to(device=device, dtype=dtype)
+        state[name] = tensor.to(device) if name in packed else tensor.to(device=device,
+                                                                          dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
     model.fuse()
     return model.eval()
+
+
+QUANTIZE_CHOICES = ("q8_0", "q4_0", "q4_1")
+
+
+def _quantize_format(quantize: str | None) -> str | None:
+    if quantize is None:
+        return None
+    if quantize.lower() not in QUANTIZE_CHOICES:
+        raise InvalidArgumentError(f"unknown quantization {quantize!r}; use one of "
+                                   f"{', '.join(QUANTIZE_CHOICES)}")
+    return quantize.upper()
+
+
+def _is_linear_weight(model: Transformer, name: str) -> bool:
+    return isinstance(model.get_submodule(name.removesuffix(".weight")), nn.Linear)
+
+
+def _pack(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Float (N, K) -> (N, row_bytes) uint8 blocks, with the gguf package's quantizer (the
+    reference implementation of these formats)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    blocks = quantize(weight.float().numpy(), GGMLQuantizationType[fmt])
+    return torch.from_numpy(np.ascontiguousarray(blocks))
 
 
 def _install_packed(model: Transformer, name: str, fmt: str, dtype: torch.dtype) -> None:
