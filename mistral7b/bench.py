@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -122,3 +123,112 @@ def report(llm: LLM, results: list[BenchResult], load_s: float, as_json: bool) -
         lines.append(f"| {r.test} | {r.depth} | {r.batch} | {r.threads} | "
                      f"{r.tokens_per_s:.1f} | {r.spread:.1f} |")
     return "\n".join(lines)
+
+
+# ---- the paper's long-context claims ----------------------------------------------------------
+
+LONG_CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)
+
+
+@dataclass
+class LongContextRow:
+    context: int
+    cache_mib_window: float
+    cache_mib_full: float
+    tokens_per_s_window: float
+    tokens_per_s_full: float
+    mistral_7b_fp16_cache_mib_window: float   # the same arithmetic at Mistral 7B's size
+    mistral_7b_fp16_cache_mib_full: float
+
+
+def long_context_model(window: int | None, max_seq_len: int, n_layers: int = 4,
+                       seed: int = 0) -> LLM:
+    """Random weights with Mistral 7B's attention geometry (32 query heads, 8 kv heads of 128,
+    W = 4096) and a narrow residual stream (dim 1024), so that attention dominates the cost."""
+    from mistral7b.config import ModelConfig
+    from mistral7b.model import Transformer
+    from mistral7b.tokenizer import MissingTokenizer
+
+    torch.manual_seed(seed)
+    config = ModelConfig(dim=1024, n_layers=n_layers, n_heads=32, n_kv_heads=8, head_dim=128,
+                         hidden_dim=2048, vocab_size=1024, sliding_window=window,
+                         max_seq_len=max_seq_len, source="random (bench --long)")
+    model = Transformer(config).eval().requires_grad_(False)
+    return LLM(model, MissingTokenizer(Path("."), config.vocab_size), torch.float32)
+
+
+def time_decode_at(llm: LLM, context: int, n: int) -> tuple[float, int]:
+    """Decode tokens/s for one sequence whose cache already holds `context` positions, and the
+    cache's bytes."""
+    # Start from one slot so that after skip_to the buffer holds exactly the positions needed.
+    cache = RollingCache(llm.config, rows=1, dtype=llm.dtype, device=llm.device, initial_slots=1)
+    cache.skip_to(0, context)
+    nbytes = cache.nbytes  # before decoding past `context` doubles a growing buffer
+    token = [1]
+    decode_step(llm.model, cache, [0], token)  # warm-up
+    start = time.perf_counter()
+    for _ in range(n):
+        decode_step(llm.model, cache, [0], token)
+    return n / (time.perf_counter() - start), nbytes
+
+
+def run_long(contexts: Sequence[int] = LONG_CONTEXTS, n: int = 16, window: int = 4096,
+             progress: Callable[[str], None] | None = None) -> list[LongContextRow]:
+    from mistral7b.config import ModelConfig
+
+    longest = max(contexts) + n + 1
+    windowed, full = long_context_model(window, longest), long_context_model(None, longest)
+    mistral = ModelConfig.from_params({"dim": 4096, "n_layers": 32, "head_dim": 128,
+                                       "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8,
+                                       "norm_eps": 1e-5, "vocab_size": 32000})
+    per_token_7b = mistral.kv_bytes_per_token(2) / 2**20
+    rows = []
+    for context in contexts:
+        speed_w, bytes_w = time_decode_at(windowed, context, n)
+        speed_f, bytes_f = time_decode_at(full, context, n)
+        rows.append(LongContextRow(context, bytes_w / 2**20, bytes_f / 2**20, speed_w, speed_f,
+                                   per_token_7b * min(context, window), per_token_7b * context))
+        if progress:
+            progress(f"context {context}: {speed_w:.1f} vs {speed_f:.1f} tokens/s")
+    return rows
+
+
+def long_report(rows: Sequence[LongContextRow], window: int = 4096) -> str:
+    lines = [f"Decode at a given context, sliding window W = {window} vs full attention "
+             "(random weights, Mistral 7B attention geometry, 4 layers, fp32):", "",
+             "| context | cache MiB, W | cache MiB, full | memory saving | tokens/s, W | "
+             "tokens/s, full | speed-up | Mistral 7B fp16 cache, W / full (MiB) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r.context} | {r.cache_mib_window:.0f} | {r.cache_mib_full:.0f} | "
+            f"{r.cache_mib_full / r.cache_mib_window:.1f}x | {r.tokens_per_s_window:.1f} | "
+            f"{r.tokens_per_s_full:.1f} | {r.tokens_per_s_window / r.tokens_per_s_full:.2f}x | "
+            f"{r.mistral_7b_fp16_cache_mib_window:.0f} / {r.mistral_7b_fp16_cache_mib_full:.0f} |")
+    return "\n".join(lines)
+
+
+def long_plot(rows: Sequence[LongContextRow], path: Path, window: int = 4096) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = [r.context for r in rows]
+    fig, (mem, speed) = plt.subplots(1, 2, figsize=(11, 4.2))
+    mem.plot(contexts, [r.cache_mib_full for r in rows], "o-", label="full attention")
+    mem.plot(contexts, [r.cache_mib_window for r in rows], "o-", label=f"rolling cache, W={window}")
+    mem.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="KV cache (MiB)",
+            title="KV cache per sequence")
+    speed.plot(contexts, [r.tokens_per_s_full for r in rows], "o-", label="full attention")
+    speed.plot(contexts, [r.tokens_per_s_window for r in rows], "o-",
+               label=f"sliding window, W={window}")
+    speed.set(xscale="log", xlabel="context (tokens)", ylabel="decode tokens/s",
+              title="Decode speed (4 layers, Mistral attention shapes)")
+    for ax in (mem, speed):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        ax.set_xticks(contexts, [f"{c // 1024}K" for c in contexts])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

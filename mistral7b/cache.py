@@ -48,6 +48,7 @@ class CacheStep:
     positions: torch.Tensor     # (B, T) absolute position of each new token (padding included)
     n_new: list[int]            # valid new tokens per row; the rest of T is padding
     write_first: bool           # write new k/v before attending (see module docstring)
+    n_slots: int                # leading slots that can hold a position yet (the rest is empty)
     mask: torch.Tensor          # (B, 1, T, keys) bool, True where a query may attend a key
     write_b: torch.Tensor       # (N,) batch index of each (row, token) to store
     write_t: torch.Tensor       # (N,) token index within the chunk
@@ -58,7 +59,8 @@ class RollingCache:
     """Key/value buffers of shape (n_layers, rows, slots, n_kv_heads, head_dim)."""
 
     def __init__(self, config: ModelConfig, rows: int = 1, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", max_slots: int | None = None) -> None:
+                 device: torch.device | str = "cpu", max_slots: int | None = None,
+                 initial_slots: int = _INITIAL_SLOTS) -> None:
         self.config = config
         self.window = config.sliding_window
         # Without a window the cache must hold the whole sequence, so its size is the limit.
@@ -66,7 +68,7 @@ class RollingCache:
         if self.window is not None:
             self.max_slots = min(self.max_slots, self.window)
         self.lengths = [0] * rows  # positions seen by each row
-        slots = min(_INITIAL_SLOTS, self.max_slots)
+        slots = max(1, min(initial_slots, self.max_slots))
         shape = (config.n_layers, rows, slots, config.n_kv_heads, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -82,6 +84,14 @@ class RollingCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    def skip_to(self, row: int, length: int) -> None:
+        """Benchmarks only: declare that `row` has processed `length` positions, whatever its
+        buffer holds, so that attention at that depth can be timed without computing it."""
+        if self.window is None and length > self.max_slots:
+            raise ContextLengthError(f"{length} positions exceed the cache's {self.max_slots}")
+        self._grow(length)
+        self.lengths[row] = length
 
     def reset(self, row: int) -> None:
         """Make a row empty for a new sequence. Old contents stay but are masked out: a slot is
@@ -114,12 +124,16 @@ class RollingCache:
         # Write-first is safe unless a chunk overwrites a slot that one of its own queries still
         # needs, which can only happen for a multi-token chunk once the buffer wraps.
         write_first = T == 1 or max(ends) <= S
+        # Slots at or past the longest row's end have never been written: attention skips
+        # them, so its cost follows the context, not the buffer's capacity.
+        n_slots = min(S, max(ends) if write_first else max(starts))
         if write_first:
-            key_pos = _slot_positions(p + n, S)                          # (B, S)
+            key_pos = _slot_positions(p + n, S)[:, :n_slots]            # (B, n_slots)
             key_ok = key_pos >= 0
         else:
-            key_pos = torch.cat((_slot_positions(p, S), positions), dim=1)  # (B, S + T)
-            key_ok = torch.cat((key_pos[:, :S] >= 0, ~is_pad), dim=1)
+            cached = _slot_positions(p, S)[:, :n_slots]
+            key_pos = torch.cat((cached, positions), dim=1)              # (B, n_slots + T)
+            key_ok = torch.cat((cached >= 0, ~is_pad), dim=1)
         q = positions[:, :, None]                                        # (B, T, 1)
         k = key_pos[:, None, :]                                          # (B, 1, keys)
         mask = key_ok[:, None, :] & (k <= q)
@@ -136,7 +150,7 @@ class RollingCache:
         rows_t = torch.tensor(rows, device=device)
         return CacheStep(
             rows=rows_t, contiguous=rows == list(range(rows[0], rows[0] + B)),
-            positions=positions, n_new=list(n_new), write_first=write_first,
+            positions=positions, n_new=list(n_new), write_first=write_first, n_slots=n_slots,
             mask=mask[:, None], write_b=write_b, write_t=write_t, write_slot=write_slot)
 
     def update(self, layer: int, step: CacheStep, k_new: torch.Tensor, v_new: torch.Tensor
@@ -159,11 +173,12 @@ class RollingCache:
     # ---- internals ----------------------------------------------------------------------
 
     def _read(self, layer: int, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
+        used = slice(0, step.n_slots)
         if step.contiguous:
             first = int(step.rows[0])
             span = slice(first, first + len(step.rows))
-            return self.k[layer, span], self.v[layer, span]
-        return self.k[layer, step.rows], self.v[layer, step.rows]
+            return self.k[layer, span, used], self.v[layer, span, used]
+        return self.k[layer, step.rows, used], self.v[layer, step.rows, used]
 
     def _write(self, layer: int, step: CacheStep, k_new: torch.Tensor, v_new: torch.Tensor
                ) -> None:

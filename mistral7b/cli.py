@@ -7,10 +7,12 @@ A user mistake (wrong path, corrupt file, bad option value) prints one line star
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mistral7b.errors import ContextLengthError, InvalidArgumentError, Mistral7BError
@@ -42,6 +44,12 @@ def _load(args: argparse.Namespace, progress: bool = True) -> LLM:
     return mistral7b.load(args.model, dtype=args.dtype, device=args.device, progress=progress,
                           sliding_window=args.sliding_window,
                           dequantize=getattr(args, "dequantize", False), quantize=args.quantize)
+
+
+def torch_set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def torch_threads() -> int:
@@ -227,10 +235,24 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import time
-
     from mistral7b import bench
 
+    if args.long:
+        if args.threads:
+            torch_set_threads(args.threads[0])
+        window = args.sliding_window or 4096
+        rows = bench.run_long(args.contexts or bench.LONG_CONTEXTS, n=args.n_gen[0] or 16,
+                              window=window, progress=None if args.json else
+                              lambda line: print(line, file=sys.stderr))
+        if args.plot:
+            bench.long_plot(rows, Path(args.plot), window)
+        if args.json:
+            from dataclasses import asdict
+
+            print(json.dumps([asdict(r) for r in rows], indent=2))
+        else:
+            print(bench.long_report(rows, window))
+        return 0
     start = time.perf_counter()
     llm = _load(args, progress=not args.json)
     load_s = time.perf_counter() - start
@@ -281,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-r", "--repetitions", type=int, default=3,
                        help="timed runs of each test, after one warm-up (default: 3)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument("--long", action="store_true",
+                       help="the paper's long-context claims: KV-cache size and decode speed "
+                            "from 1K to 32K tokens, sliding window (W=4096) vs full attention, "
+                            "on a random model with Mistral 7B's attention shapes (no --model)")
+    bench.add_argument("--contexts", type=_int_list, default=None, metavar="N[,N]",
+                       help="contexts for --long (default: 1024,...,32768)")
+    bench.add_argument("--plot", default=None, metavar="PNG",
+                       help="with --long: also draw the table as a PNG (needs matplotlib)")
     bench.set_defaults(func=cmd_bench)
 
     info = sub.add_parser("info", help="describe a model: architecture, window, size, tokenizer")

@@ -73,3 +73,20 @@ def test_bench_reports_every_test_as_json(native_v1_dir: Path) -> None:
 def test_bench_rejects_bad_lists() -> None:
     proc = run("bench", "-p", "12,x")
     assert proc.returncode == 2 and "comma-separated integers" in proc.stderr
+
+
+def test_bench_long_shows_the_rolling_cache_memory_saving(tmp_path: Path) -> None:
+    import json
+
+    plot = tmp_path / "long.png"
+    proc = run("bench", "--long", "--sliding-window", "64", "--contexts", "32,64,256", "-n", "2",
+               "--json", "--plot", str(plot))
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["context"]: r for r in json.loads(proc.stdout)}
+    # Below the window both caches hold every position; at 4 W the rolling one is 4x smaller.
+    assert rows[32]["cache_mib_window"] == rows[32]["cache_mib_full"]
+    assert rows[256]["cache_mib_full"] == 4 * rows[256]["cache_mib_window"]
+    assert rows[256]["cache_mib_window"] == rows[64]["cache_mib_window"]
+    # 8 kv heads x 128 x 2 (k, v) x 4 layers x fp32 = 32 KiB per position.
+    assert rows[256]["cache_mib_full"] == 256 * 32 / 1024
+    assert plot.stat().st_size > 10_000

@@ -1,0 +1,94 @@
+"""Mistral 7B's exact shapes with random Q4_0 weights: peak memory and decode speed.
+
+    .venv/bin/python benchmarks/mistral_7b_shapes.py [--tokens 16] [--context 0] [--json]
+
+The real weights (14 GB in bf16) are not available here, so this builds the 7B model's modules
+on the meta device and gives every linear layer and the embedding random Q4_0 blocks directly
+(3.8 GiB; no float32 copy of any matrix ever exists), then decodes with the same kernels and
+rolling cache as a real Q4_0 GGUF would. The text is meaningless; the memory and speed are real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mistral7b.bench import time_decode_at
+from mistral7b.config import ModelConfig
+from mistral7b.llm import LLM
+from mistral7b.model import Transformer
+from mistral7b.quant.formats import FORMATS
+from mistral7b.quant.modules import QuantEmbedding, QuantLinear
+from mistral7b.tokenizer import MissingTokenizer
+
+MISTRAL_7B = {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32,
+              "n_kv_heads": 8, "norm_eps": 1e-05, "sliding_window": 4096, "vocab_size": 32000}
+
+
+def random_q4_0(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """Random Q4_0 blocks: random nibbles, and a small float16 scale in every block's first two
+    bytes (random bytes there could be NaN)."""
+    spec = FORMATS["Q4_0"]
+    blocks = torch.randint(0, 256, (rows * cols // spec.block_size, spec.block_bytes),
+                           dtype=torch.uint8, generator=generator)
+    scale = torch.tensor([0.002], dtype=torch.float16).view(torch.uint8)
+    blocks[:, :2] = scale
+    return blocks.view(rows, spec.row_bytes(cols))
+
+
+def build(seed: int = 0) -> LLM:
+    config = ModelConfig.from_params(MISTRAL_7B, source="Mistral 7B shapes, random Q4_0")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.fuse()  # stack q/k/v and gate/up while still on meta: no copies later
+    for name, module in list(model.named_modules()):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(module, nn.Linear):
+            packed: nn.Module = QuantLinear(module.in_features, module.out_features, "Q4_0")
+            packed.weight = random_q4_0(module.out_features, module.in_features, generator)
+            setattr(parent, attr, packed)
+        elif isinstance(module, nn.Embedding):
+            embedding = QuantEmbedding(module.num_embeddings, module.embedding_dim, "Q4_0")
+            embedding.weight = random_q4_0(module.num_embeddings, module.embedding_dim, generator)
+            setattr(parent, attr, embedding)
+    for module in model.modules():  # the norms: float32 ones
+        if hasattr(module, "eps") and isinstance(getattr(module, "weight", None), nn.Parameter):
+            module.weight = nn.Parameter(torch.ones(config.dim), requires_grad=False)
+    return LLM(model.eval(), MissingTokenizer(Path("."), config.vocab_size), torch.float32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=16, help="decode steps to time")
+    parser.add_argument("--context", type=int, default=0, help="positions already cached")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    llm = build()
+    build_s = time.perf_counter() - start
+    weights = sum(t.nbytes for t in [*llm.model.parameters(), *llm.model.buffers()])
+    speed, cache_bytes = time_decode_at(llm, args.context, args.tokens)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB
+    result = {"parameters_b": round(llm.config.num_parameters() / 1e9, 2),
+              "weights_gib": round(weights / 2**30, 2), "build_s": round(build_s, 1),
+              "context": args.context, "decode_tokens_per_s": round(speed, 2),
+              "kv_cache_mib": round(cache_bytes / 2**20, 1), "peak_rss_gib": round(peak, 2),
+              "threads": torch.get_num_threads()}
+    print(json.dumps(result, indent=2) if args.json else "\n".join(
+        f"{k:>20}: {v}" for k, v in result.items()))
+
+
+if __name__ == "__main__":
+    main()
