@@ -13,6 +13,7 @@ from gguf.quants import quantize as gguf_quantize
 import mistral7b
 from mistral7b.default_model import default_model_path
 from mistral7b.quant import kernels
+from mistral7b.quant.formats import FORMATS as FORMATS_BY_NAME
 from mistral7b.quant.modules import QuantEmbedding, QuantLinear
 from tests.gguf_writer import random_k_blocks
 
@@ -39,6 +40,10 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours - reference).abs().max() / reference.abs().max()).item()
 
 
+def _no_portable_fallback(raw: torch.Tensor, fmt: str) -> torch.Tensor:
+    raise AssertionError(f"the fast path fell back to the portable dequantize for {fmt}")
+
+
 @pytest.fixture(params=["fast", "portable"])
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "portable":
@@ -46,6 +51,8 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
         monkeypatch.setattr(kernels, "_tried", True)
     elif kernels.extension() is None:
         pytest.skip("the AVX2 extension is not available on this machine")
+    else:  # every format must run in C++ here: a silent fallback would test the wrong code
+        monkeypatch.setattr(kernels, "dequantize", _no_portable_fallback)
     return str(request.param)
 
 
@@ -79,10 +86,51 @@ def test_embedding_lookup_and_tied_head(path: str, fmt: str) -> None:
     assert relative_error(embedding.linear(h), h @ weight.T) < 2e-4
 
 
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_blocks_at_the_integer_limits(path: str, fmt: str) -> None:
+    """The largest weight integers and scales, times activations that quantize to +-32767,
+    must not overflow the int16 products or int32 sums; a zero row of x gives exact zeros."""
+    spec = FORMATS_BY_NAME[fmt]
+    ones = np.full((2, spec.block_bytes), 0xFF, dtype=np.uint8)     # all bits set
+    zeros = np.zeros((2, spec.block_bytes), dtype=np.uint8)         # all integers 0
+    blocks = np.stack([ones, zeros, ones, zeros])                   # 4 rows of 2 blocks
+    scales = {"Q6_K": [(192, 208, 0x80)]}.get(fmt, [(4, 16, 0xFF)])  # int8 -128 / 6-bit 63
+    for lo, hi, byte in scales:
+        blocks[:, :, lo:hi] = byte
+    f16_offsets = [208] if fmt == "Q6_K" else [0, 2]
+    for off in f16_offsets:
+        blocks[:, :, off:off + 2] = np.array([3e-3], np.float16).view(np.uint8)
+    if fmt != "Q6_K":
+        blocks[2:, :, 2:4] = np.array([-2e-3], np.float16).view(np.uint8)   # a negative dmin
+    raw = np.ascontiguousarray(blocks.reshape(4, -1))
+    weight = torch.from_numpy(np.asarray(gguf_dequantize(raw, Q[fmt]), np.float32).reshape(4, -1))
+    signs = torch.where(torch.arange(512) % 3 == 0, -1.0, 1.0)
+    x = torch.stack([torch.full((512,), 7.0), 7.0 * signs, torch.zeros(512), -signs])
+    y = kernels.linear(x, torch.from_numpy(raw), fmt)
+    reference = x.double() @ weight.double().T
+    assert relative_error(y.double(), reference) < 2e-4
+    assert torch.equal(y[2], torch.zeros(4))
+    assert torch.equal(kernels.dequantize_rows(torch.from_numpy(raw), fmt), weight)
+
+
+def test_kernels_reject_shapes_that_are_not_whole_blocks() -> None:
+    ext = kernels.extension()
+    if ext is None:
+        pytest.skip("the AVX2 extension is not available on this machine")
+    raw, _ = packed_weight("Q4_K", 3, 512)
+    with pytest.raises(RuntimeError, match="multiple of 256"):
+        ext.qmatmul(torch.randn(1, 480), raw, Q.Q4_K)
+    with pytest.raises(RuntimeError, match="bytes"):
+        ext.qmatmul(torch.randn(1, 256), raw, Q.Q4_K)
+    with pytest.raises(RuntimeError, match="whole blocks"):
+        ext.dequantize(raw[:, :100], Q.Q4_K)
+
+
 def test_fast_path_is_used_on_this_machine() -> None:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("no AVX2")
     assert kernels.extension() is not None
+    assert kernels.FAST_FORMATS == set(FORMATS)     # the K-quants too: no NumPy on the hot path
 
 
 def test_loading_a_q4_gguf_keeps_the_weights_packed() -> None:

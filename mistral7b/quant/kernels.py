@@ -21,11 +21,12 @@ from mistral7b.quant.formats import FORMATS, dequantize
 
 log = logging.getLogger("mistral7b")
 
-# Formats the C++ kernels implement; the K-quants take the portable path for now.
-FAST_FORMATS = {"Q8_0", "Q4_0", "Q4_1"}
+# Formats the C++ kernels implement (qmatmul and dequantize): all of FORMATS.
+FAST_FORMATS = {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"}
 
-# Up to this many rows of x, the 8-bit integer kernel; above it, dequantize the weight once and
-# let the BLAS matmul do the work (pre-fill is compute-bound, decode is bandwidth-bound).
+# Up to this many rows of x, the integer kernel (16-bit activations); above it, dequantize the
+# weight once and let the BLAS matmul do the work (pre-fill is compute-bound, decode is
+# bandwidth-bound).
 INT8_MAX_ROWS = 16
 
 _lock = threading.Lock()

@@ -1,19 +1,43 @@
 // Quantized matrix multiplication on CPU with AVX2: y = x @ W^T where W stays in its GGUF
-// block format (Q8_0, Q4_0, Q4_1). Built by mistral7b/quant/kernels.py with
+// block format (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K). Built by mistral7b/quant/kernels.py with
 // torch.utils.cpp_extension; when it cannot be built, or the CPU lacks AVX2, the PyTorch
 // fallback in kernels.py is used instead.
 //
-// Each row of x is quantized to 16-bit blocks of 32 values (int16 q, float scale d, and
-// s = d * sum(q)), so a weight block times an activation block is an integer dot product
-// (_mm256_madd_epi16), scaled once per block. llama.cpp quantizes activations to 8 bits instead;
-// we measured that to move SmolLM2's logits by ~1.0 (greedy text diverged from the float path
-// within a few tokens), while 16 bits keep them within ~1e-2 at nearly the same speed.
+// Each row of x is quantized to 16-bit runs of 32 values (int16 q, float scale d, and
+// s = d * sum(q)), so 32 weights times an activation run is an integer dot product
+// (_mm256_madd_epi16), scaled once per 32 values. llama.cpp quantizes activations to 8 bits
+// instead; we measured that to move SmolLM2's logits by ~1.0 (greedy text diverged from the
+// float path within a few tokens), while 16 bits keep them within ~1e-2 at nearly the same speed.
 //
-// GGUF block layouts (32 weights per block):
+// GGUF block layouts, 32 weights per block:
 //   Q8_0: f16 d, int8 q[32]                  w = d * q
 //   Q4_0: f16 d, u8 qs[16]                   w = d * (q - 8)
 //   Q4_1: f16 d, f16 m, u8 qs[16]            w = d * q + m
 // where weight j < 16 is the low nibble of qs[j] and weight j + 16 its high nibble.
+//
+// K-quants, 256 weights per block:
+//   Q4_K (144 bytes): f16 d, f16 dmin, u8 scales[12], u8 qs[128]
+//     8 sub-blocks of 32, each with a 6-bit scale sc[j] and a 6-bit min m[j] packed in
+//     `scales`: bytes 0-3 hold sc[0..3] in their low 6 bits and bytes 4-7 m[0..3]; for
+//     sub-blocks 4..7, bytes 8-11 hold the low 4 bits (sc: low nibble, m: high nibble) and the
+//     top 2 bits of bytes 0-3 (sc) and 4-7 (m) the high 2 bits.
+//     Sub-block 2c is the low nibbles of qs[32c .. 32c+31], sub-block 2c+1 their high nibbles.
+//     w = (d * sc[j]) * q - dmin * m[j]
+//   Q5_K (176 bytes): f16 d, f16 dmin, u8 scales[12], u8 qh[32], u8 qs[128]
+//     as Q4_K, and weight i of sub-block j has bit j of qh[i] as its fifth bit (value 16).
+//   Q6_K (210 bytes): u8 ql[128], u8 qh[64], int8 scales[16], f16 d
+//     two halves of 128 weights; in half h, weight 32k + i (k < 4, i < 32) is
+//       nibble (k / 2) of ql[64h + 32 (k % 2) + i] | (bits 2k, 2k+1 of qh[32h + i]) << 4,
+//     minus 32, and weight v of the block has scale scales[v / 16]:
+//     w = (d * scales[v / 16]) * (q - 32)
+// The products in these formulas are exact in float32 (few significant bits), so the
+// dequantized values below equal gguf's NumPy reference bit for bit.
+//
+// For the K-quants each weight row is dotted run by run: a run of 32 weights is unpacked to
+// bytes, widened to int16 with unpacklo/unpackhi (which interleave 8-value groups, so the
+// activation run is stored in that same order), multiplied with madd, converted once to float
+// and scaled by d * sc[j] * x.d[j]. The mins (Q4_K, Q5_K) and the -32 offset (Q6_K) do not
+// depend on each weight, so they are applied once per block through the sums of x.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -23,28 +47,52 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-constexpr int64_t QK = 32;
+constexpr int64_t QK = 32;     // values per activation run, and per Q8_0/Q4_0/Q4_1 block
+constexpr int64_t QK_K = 256;  // values per K-quant block
 
-enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  // ggml type ids
+enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };  // ggml ids
+
+template <int64_t T>
+constexpr int64_t kBlockBytes = T == Q8_0 ? 34 : T == Q4_0 ? 18 : T == Q4_1 ? 20
+                              : T == Q4_K ? 144 : T == Q5_K ? 176 : 210;
+
+bool is_k_quant(int64_t type) { return type == Q4_K || type == Q5_K || type == Q6_K; }
 
 int64_t block_bytes(int64_t type) {
   switch (type) {
-    case Q4_0: return 18;
-    case Q4_1: return 20;
-    case Q8_0: return 34;
+    case Q4_0: return kBlockBytes<Q4_0>;
+    case Q4_1: return kBlockBytes<Q4_1>;
+    case Q8_0: return kBlockBytes<Q8_0>;
+    case Q4_K: return kBlockBytes<Q4_K>;
+    case Q5_K: return kBlockBytes<Q5_K>;
+    case Q6_K: return kBlockBytes<Q6_K>;
   }
   TORCH_CHECK(false, "qmatmul: unsupported ggml type ", type);
 }
 
-struct XBlock {     // one quantized block of an activation row
+int64_t block_values(int64_t type) { return is_k_quant(type) ? QK_K : QK; }
+
+struct XBlock {     // one quantized run of an activation row, for the 32-value formats
   int16_t q[QK];
   float d;          // scale
   float s;          // d * sum(q)
 };
+
+struct XSuper {     // 256 values of an activation row, for the K-quants: 8 runs of 32
+  int16_t q[QK_K];  // run j at q + 32j, in the order of kUnpackSlot
+  float d[8];       // scale of each run
+  float s[8];       // d * sum(q) of each run
+  float h[16];      // d * sum(q) of each 16 values (Q6_K has a scale per 16 weights)
+};
+
+// Where value i of a run sits in XSuper::q: the order _mm256_unpacklo_epi8 (values 0-7 and
+// 16-23) and _mm256_unpackhi_epi8 (8-15 and 24-31) produce from 32 weight bytes.
+constexpr int kUnpackSlot(int i) { return i < 8 || i >= 24 ? i : i < 16 ? i + 8 : i - 8; }
 
 inline float half_to_float(const uint8_t* p) {
   uint16_t h;
@@ -52,21 +100,46 @@ inline float half_to_float(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
+inline __m256i load256(const void* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+// Quantizes 32 values to int16 at q[slot(i)]; returns the scale, and the sums of the integers
+// of values 0-15 and 16-31.
+template <bool UNPACK_ORDER>
+inline float quantize_run(const float* v, int16_t* q, int32_t sums[2]) {
+  float amax = 0.f;
+  for (int i = 0; i < QK; i++) amax = std::max(amax, std::fabs(v[i]));
+  const float d = amax / 32767.f;
+  const float id = d > 0.f ? 1.f / d : 0.f;
+  sums[0] = sums[1] = 0;
+  for (int i = 0; i < QK; i++) {
+    const int qi = static_cast<int>(std::nearbyint(v[i] * id));
+    q[UNPACK_ORDER ? kUnpackSlot(i) : i] = static_cast<int16_t>(qi);
+    sums[i / 16] += qi;
+  }
+  return d;
+}
+
 void quantize_row(const float* x, XBlock* out, int64_t n_blocks) {
   for (int64_t b = 0; b < n_blocks; b++) {
-    const float* v = x + b * QK;
-    float amax = 0.f;
-    for (int i = 0; i < QK; i++) amax = std::max(amax, std::fabs(v[i]));
-    const float d = amax / 32767.f;
-    const float id = d > 0.f ? 1.f / d : 0.f;
-    int32_t sum = 0;
-    for (int i = 0; i < QK; i++) {
-      const int q = static_cast<int>(std::nearbyint(v[i] * id));
-      out[b].q[i] = static_cast<int16_t>(q);
-      sum += q;
-    }
+    int32_t sums[2];
+    const float d = quantize_run<false>(x + b * QK, out[b].q, sums);
     out[b].d = d;
-    out[b].s = d * static_cast<float>(sum);
+    out[b].s = d * static_cast<float>(sums[0] + sums[1]);
+  }
+}
+
+void quantize_row_k(const float* x, XSuper* out, int64_t n_super) {
+  for (int64_t b = 0; b < n_super; b++) {
+    for (int j = 0; j < 8; j++) {
+      int32_t sums[2];
+      const float d = quantize_run<true>(x + b * QK_K + j * QK, out[b].q + j * QK, sums);
+      out[b].d[j] = d;
+      out[b].s[j] = d * static_cast<float>(sums[0] + sums[1]);
+      out[b].h[2 * j] = d * static_cast<float>(sums[0]);
+      out[b].h[2 * j + 1] = d * static_cast<float>(sums[1]);
+    }
   }
 }
 
@@ -81,9 +154,9 @@ inline float hsum(__m256 v) {
 
 // sum over 32 weights of w[i] * x[i], w given as two halves of 16 int16 lanes, as 8 float
 // partial sums.
-inline __m256 dot_i16(__m256i w_lo, __m256i w_hi, const XBlock& xb) {
-  const __m256i x_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb.q));
-  const __m256i x_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb.q + 16));
+inline __m256 dot_i16(__m256i w_lo, __m256i w_hi, const int16_t* xq) {
+  const __m256i x_lo = load256(xq);
+  const __m256i x_hi = load256(xq + 16);
   const __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(w_lo, x_lo), _mm256_madd_epi16(w_hi, x_hi));
   return _mm256_cvtepi32_ps(sum);
 }
@@ -96,46 +169,261 @@ inline void unpack_nibbles(const uint8_t* qs, __m256i& lo, __m256i& hi) {
   hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), mask));
 }
 
-// Dot product of one weight row with one quantized activation row. Templated on the format so
-// each loop is branch-free; two accumulators hide the FMA latency.
-template <int64_t TYPE>
-inline float dot_row(const uint8_t* row, const XBlock* x, int64_t n_blocks) {
-  constexpr int64_t BB = TYPE == Q8_0 ? 34 : TYPE == Q4_0 ? 18 : 20;
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  float extra = 0.f;
-  for (int64_t b = 0; b < n_blocks; b++) {
-    const uint8_t* blk = row + b * BB;
-    const XBlock& xb = x[b];
-    const float d = half_to_float(blk);
-    __m256i lo, hi;
-    if constexpr (TYPE == Q8_0) {
-      lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
-      hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)));
-    } else if constexpr (TYPE == Q4_0) {
-      unpack_nibbles(blk + 2, lo, hi);
-      extra -= 8.f * d * xb.s;  // the "- 8" of every weight, times sum(x)
-    } else {
-      unpack_nibbles(blk + 4, lo, hi);
-      extra += half_to_float(blk + 2) * xb.s;  // the "+ m" of every weight, times sum(x)
-    }
-    const __m256 p = dot_i16(lo, hi, xb);
-    if (b & 1) {
-      acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc1);
-    } else {
-      acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc0);
-    }
-  }
-  return hsum(_mm256_add_ps(acc0, acc1)) + extra;
+// ---- K-quants ------------------------------------------------------------------------------
+
+// Q4_K/Q5_K: the 8 six-bit scales and mins packed in 12 bytes (layout in the header comment),
+// as 8 bytes each, computed four sub-blocks at a time in 32-bit words.
+inline void unpack_scales_mins(const uint8_t* p, uint64_t& sc, uint64_t& mn) {
+  uint32_t w[3];
+  std::memcpy(w, p, 12);
+  const uint32_t low6 = 0x3F3F3F3Fu, low4 = 0x0F0F0F0Fu, bits45 = 0x30303030u;
+  const uint32_t sc_lo = w[0] & low6, mn_lo = w[1] & low6;
+  const uint32_t sc_hi = (w[2] & low4) | ((w[0] >> 2) & bits45);
+  const uint32_t mn_hi = ((w[2] >> 4) & low4) | ((w[1] >> 2) & bits45);
+  sc = sc_lo | static_cast<uint64_t>(sc_hi) << 32;
+  mn = mn_lo | static_cast<uint64_t>(mn_hi) << 32;
 }
 
-// y[m, n] for rows n in [n0, n1) of W and all M rows of x. The weight row stays in L1 while
-// every activation row passes over it.
-template <int64_t TYPE>
-void rows_kernel(const uint8_t* w, int64_t row_bytes, int64_t n_blocks, const XBlock* xq,
-                 int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
+inline __m256 bytes_to_floats(uint64_t bytes) {  // 8 unsigned bytes -> 8 floats
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bytes))));
+}
+
+// Calls f(j, q) for the eight runs j of 32 consecutive weights of one K-quant block, q holding
+// their unsigned integer values as 32 bytes: 0..15 (Q4_K), 0..31 (Q5_K) or 0..63 (Q6_K, before
+// the -32). The shifts work on 16-bit lanes; each one below moves the bits it keeps only
+// within their own byte.
+template <int64_t T, class F>
+inline void for_each_run(const uint8_t* blk, F&& f) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  if constexpr (T == Q4_K || T == Q5_K) {
+    const uint8_t* qs = blk + (T == Q4_K ? 16 : 48);
+    [[maybe_unused]] const __m256i qh = T == Q5_K ? load256(blk + 16) : _mm256_setzero_si256();
+    [[maybe_unused]] const __m256i bit4 = _mm256_set1_epi8(0x10);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; c++) {
+      const __m256i v = load256(qs + 32 * c);
+      __m256i lo = _mm256_and_si256(v, m4);
+      __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      if constexpr (T == Q5_K) {  // bit j of every qh byte to bit 4, j = 2c (lo), 2c + 1 (hi)
+        const int j = 2 * c;
+        const __m256i h_lo = j <= 4 ? _mm256_slli_epi16(qh, 4 - j) : _mm256_srli_epi16(qh, j - 4);
+        const __m256i h_hi = j + 1 <= 4 ? _mm256_slli_epi16(qh, 3 - j)
+                                        : _mm256_srli_epi16(qh, j - 3);
+        lo = _mm256_or_si256(lo, _mm256_and_si256(h_lo, bit4));
+        hi = _mm256_or_si256(hi, _mm256_and_si256(h_hi, bit4));
+      }
+      f(2 * c, lo);
+      f(2 * c + 1, hi);
+    }
+  } else {  // Q6_K
+    const __m256i bits45 = _mm256_set1_epi8(0x30);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; h++) {
+      const __m256i a = load256(blk + 64 * h), b = load256(blk + 64 * h + 32);
+      const __m256i qh = load256(blk + 128 + 32 * h);
+      const auto emit = [&](int k, __m256i low, __m256i high) {
+        f(4 * h + k, _mm256_or_si256(_mm256_and_si256(low, m4), _mm256_and_si256(high, bits45)));
+      };
+      emit(0, a, _mm256_slli_epi16(qh, 4));                       // qh bits 0-1
+      emit(1, b, _mm256_slli_epi16(qh, 2));                       // qh bits 2-3
+      emit(2, _mm256_srli_epi16(a, 4), qh);                       // qh bits 4-5
+      emit(3, _mm256_srli_epi16(b, 4), _mm256_srli_epi16(qh, 2)); // qh bits 6-7
+    }
+  }
+}
+
+// One K-quant block of a weight row dotted with the matching 256 activations: adds the scaled
+// integer products to acc0/acc1 (alternating runs, to hide the FMA latency), and to sub what
+// is to be subtracted from the result (the mins, or Q6_K's offset of 32).
+template <int64_t T>
+inline void dot_k_block(const uint8_t* blk, const XSuper& x, __m256& acc0, __m256& acc1,
+                        __m256& sub) {
+  const __m256i zero = _mm256_setzero_si256();
+  __m256 factor;  // run j: d * (scale of the sub-block, Q4_K/Q5_K) * x.d[j]
+  __m256i sc16 = zero;  // Q6_K: int16 scales; sub-blocks 0, 2, .., 14 low, 1, 3, .., 15 high
+  if constexpr (T == Q4_K || T == Q5_K) {
+    const __m256 d = _mm256_set1_ps(half_to_float(blk));
+    const __m256 dmin = _mm256_set1_ps(half_to_float(blk + 2));
+    uint64_t sc, mn;
+    unpack_scales_mins(blk + 4, sc, mn);
+    factor = _mm256_mul_ps(_mm256_mul_ps(d, bytes_to_floats(sc)), _mm256_loadu_ps(x.d));
+    // every weight of run j carries - dmin * m[j]: times the run's sum of x
+    sub = _mm256_fmadd_ps(_mm256_mul_ps(dmin, bytes_to_floats(mn)), _mm256_loadu_ps(x.s), sub);
+  } else {
+    const __m256 d = _mm256_set1_ps(half_to_float(blk + 208));
+    const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192));
+    const __m128i even_odd = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    sc16 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, even_odd));
+    factor = _mm256_mul_ps(d, _mm256_loadu_ps(x.d));
+    // every weight of sub-block k carries - 32 * d * sc[k]: times the sub-block's sum of x
+    const __m256 sc_lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8));
+    const __m256 sc_hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(sc8, sc8)));
+    const __m256 sums = _mm256_fmadd_ps(sc_lo, _mm256_loadu_ps(x.h),
+                                        _mm256_mul_ps(sc_hi, _mm256_loadu_ps(x.h + 8)));
+    sub = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(32.f), d), sums, sub);
+  }
+  for_each_run<T>(blk, [&](int j, __m256i q) {
+    // weights 0-7 and 16-23 of the run, then 8-15 and 24-31, as int16 (see kUnpackSlot)
+    __m256i a = _mm256_unpacklo_epi8(q, zero), b = _mm256_unpackhi_epi8(q, zero);
+    if constexpr (T == Q6_K) {  // sub-block 2j in the low 128 bits, 2j + 1 in the high ones
+      const __m256i pick = _mm256_set1_epi16(static_cast<int16_t>((2 * j + 1) << 8 | 2 * j));
+      const __m256i s = _mm256_shuffle_epi8(sc16, pick);  // int16 lane j of each half
+      a = _mm256_mullo_epi16(a, s);  // |q * sc| <= 63 * 128: fits int16, and two madds int32
+      b = _mm256_mullo_epi16(b, s);
+    }
+    const __m256 p = dot_i16(a, b, x.q + QK * j);
+    const __m256 f = _mm256_permutevar8x32_ps(factor, _mm256_set1_epi32(j));
+    if (j & 1) {
+      acc1 = _mm256_fmadd_ps(f, p, acc1);
+    } else {
+      acc0 = _mm256_fmadd_ps(f, p, acc0);
+    }
+  });
+}
+
+// 32 unsigned integer weights (bytes) -> 32 floats scale * q - bias at out, with scale[0]
+// for the first 16 weights and scale[1] for the last 16. scale * q is exact, so this rounds
+// once, like gguf's (d * sc) * q - dmin * m.
+inline void store_run(__m256i q, const __m256 scale[2], const __m256 bias[2], float* out) {
+  const __m128i halves[2] = {_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)};
+  for (int h = 0; h < 2; h++) {
+    for (int e = 0; e < 2; e++) {
+      const __m128i bytes = e ? _mm_unpackhi_epi64(halves[h], halves[h]) : halves[h];
+      const __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+      _mm256_storeu_ps(out + 16 * h + 8 * e, _mm256_fmsub_ps(scale[h], qf, bias[h]));
+    }
+  }
+}
+
+template <int64_t T>
+inline void dequantize_k_block(const uint8_t* blk, float* out) {
+  if constexpr (T == Q4_K || T == Q5_K) {
+    const float d = half_to_float(blk), dmin = half_to_float(blk + 2);
+    uint64_t sc, mn;
+    unpack_scales_mins(blk + 4, sc, mn);
+    for_each_run<T>(blk, [&](int j, __m256i q) {
+      const __m256 scale = _mm256_set1_ps(d * static_cast<float>((sc >> 8 * j) & 0xFF));
+      const __m256 bias = _mm256_set1_ps(dmin * static_cast<float>((mn >> 8 * j) & 0xFF));
+      const __m256 scales[2] = {scale, scale}, biases[2] = {bias, bias};
+      store_run(q, scales, biases, out + QK * j);
+    });
+  } else {  // Q6_K: a scale per 16 weights; (d * sc) * (q - 32) = (d * sc) * q - 32 * (d * sc)
+    const float d = half_to_float(blk + 208);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    for_each_run<T>(blk, [&](int j, __m256i q) {
+      const float s0 = d * static_cast<float>(sc[2 * j]);
+      const float s1 = d * static_cast<float>(sc[2 * j + 1]);
+      const __m256 scales[2] = {_mm256_set1_ps(s0), _mm256_set1_ps(s1)};
+      const __m256 biases[2] = {_mm256_set1_ps(32.f * s0), _mm256_set1_ps(32.f * s1)};
+      store_run(q, scales, biases, out + QK * j);
+    });
+  }
+}
+
+// ---- rows ----------------------------------------------------------------------------------
+
+// Dot product of one weight row (n_blocks blocks) with one quantized activation row.
+// Templated on the format so each loop is branch-free; two accumulators hide the FMA latency.
+template <int64_t TYPE, class X>
+inline float dot_row(const uint8_t* row, const X* x, int64_t n_blocks) {
+  constexpr int64_t BB = kBlockBytes<TYPE>;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  if constexpr (std::is_same_v<X, XSuper>) {
+    __m256 sub = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n_blocks; b++) dot_k_block<TYPE>(row + b * BB, x[b], acc0, acc1, sub);
+    return hsum(_mm256_sub_ps(_mm256_add_ps(acc0, acc1), sub));
+  } else {
+    float extra = 0.f;
+    for (int64_t b = 0; b < n_blocks; b++) {
+      const uint8_t* blk = row + b * BB;
+      const XBlock& xb = x[b];
+      const float d = half_to_float(blk);
+      __m256i lo, hi;
+      if constexpr (TYPE == Q8_0) {
+        lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
+        hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)));
+      } else if constexpr (TYPE == Q4_0) {
+        unpack_nibbles(blk + 2, lo, hi);
+        extra -= 8.f * d * xb.s;  // the "- 8" of every weight, times sum(x)
+      } else {
+        unpack_nibbles(blk + 4, lo, hi);
+        extra += half_to_float(blk + 2) * xb.s;  // the "+ m" of every weight, times sum(x)
+      }
+      const __m256 p = dot_i16(lo, hi, xb.q);
+      if (b & 1) {
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc1);
+      } else {
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc0);
+      }
+    }
+    return hsum(_mm256_add_ps(acc0, acc1)) + extra;
+  }
+}
+
+// y[m, n] for rows n in [n0, n1) of W and all M rows of x (n_blocks blocks each). The weight
+// row stays in L1 while every activation row passes over it.
+template <int64_t TYPE, class X>
+void rows_kernel(const uint8_t* w, int64_t row_bytes, int64_t n_blocks, const X* xq, int64_t M,
+                 float* y, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n++) {
     const uint8_t* row = w + n * row_bytes;
     for (int64_t m = 0; m < M; m++) y[m * N + n] = dot_row<TYPE>(row, xq + m * n_blocks, n_blocks);
+  }
+}
+
+// Quantizes the M rows of x (K values each) into activation blocks, then runs rows_kernel on
+// all rows of w in parallel.
+template <int64_t TYPE, class X>
+void matmul(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t N,
+            int64_t row_bytes, float* yp) {
+  constexpr int64_t values = std::is_same_v<X, XSuper> ? QK_K : QK;
+  const int64_t n_blocks = K / values;
+  std::vector<X> xq(M * n_blocks);
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; m++) {
+      if constexpr (std::is_same_v<X, XSuper>) {
+        quantize_row_k(xp + m * K, xq.data() + m * n_blocks, n_blocks);
+      } else {
+        quantize_row(xp + m * K, xq.data() + m * n_blocks, n_blocks);
+      }
+    }
+  });
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    rows_kernel<TYPE>(wp, row_bytes, n_blocks, xq.data(), M, yp, N, n0, n1);
+  });
+}
+
+// Rows n in [n0, n1) of a 32-value format, dequantized into out (N, K).
+void dequantize_rows_32(const uint8_t* wp, int64_t row_bytes, int64_t type, int64_t n_blocks,
+                        float* op, int64_t n0, int64_t n1) {
+  const int64_t bb = block_bytes(type), K = n_blocks * QK;
+  for (int64_t n = n0; n < n1; n++) {
+    for (int64_t b = 0; b < n_blocks; b++) {
+      const uint8_t* blk = wp + n * row_bytes + b * bb;
+      float* o = op + n * K + b * QK;
+      const float d = half_to_float(blk);
+      if (type == Q8_0) {
+        for (int i = 0; i < QK; i++) o[i] = d * static_cast<int8_t>(blk[2 + i]);
+      } else {
+        const float mn = type == Q4_1 ? half_to_float(blk + 2) : -8.f * d;
+        const uint8_t* qs = blk + (type == Q4_1 ? 4 : 2);
+        for (int i = 0; i < QK / 2; i++) {
+          o[i] = d * (qs[i] & 0x0F) + mn;
+          o[i + QK / 2] = d * (qs[i] >> 4) + mn;
+        }
+      }
+    }
+  }
+}
+
+template <int64_t TYPE>
+void dequantize_rows_k(const uint8_t* wp, int64_t row_bytes, int64_t n_blocks, float* op,
+                       int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n++) {
+    for (int64_t b = 0; b < n_blocks; b++) {
+      dequantize_k_block<TYPE>(wp + n * row_bytes + b * kBlockBytes<TYPE>,
+                               op + (n * n_blocks + b) * QK_K);
+    }
   }
 }
 
@@ -148,26 +436,23 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t type) {
   x = x.contiguous();
   w = w.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(K % QK == 0, "qmatmul: K must be a multiple of 32, got ", K);
-  const int64_t n_blocks = K / QK;
+  const int64_t bv = block_values(type), bb = block_bytes(type);
+  TORCH_CHECK(K % bv == 0, "qmatmul: K must be a multiple of ", bv, ", got ", K);
   const int64_t row_bytes = w.size(1);
-  TORCH_CHECK(row_bytes == n_blocks * block_bytes(type), "qmatmul: weight row has ", row_bytes,
-              " bytes, expected ", n_blocks * block_bytes(type), " for K = ", K);
-  std::vector<XBlock> xq(M * n_blocks);
-  const float* xp = x.data_ptr<float>();
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; m++) quantize_row(xp + m * K, xq.data() + m * n_blocks, n_blocks);
-  });
+  TORCH_CHECK(row_bytes == K / bv * bb, "qmatmul: weight row has ", row_bytes,
+              " bytes, expected ", K / bv * bb, " for K = ", K);
   auto y = torch::empty({M, N}, x.options());
-  float* yp = y.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    switch (type) {
-      case Q8_0: rows_kernel<Q8_0>(wp, row_bytes, n_blocks, xq.data(), M, yp, N, n0, n1); break;
-      case Q4_0: rows_kernel<Q4_0>(wp, row_bytes, n_blocks, xq.data(), M, yp, N, n0, n1); break;
-      default: rows_kernel<Q4_1>(wp, row_bytes, n_blocks, xq.data(), M, yp, N, n0, n1); break;
-    }
-  });
+  float* yp = y.data_ptr<float>();
+  switch (type) {
+    case Q8_0: matmul<Q8_0, XBlock>(xp, M, K, wp, N, row_bytes, yp); break;
+    case Q4_0: matmul<Q4_0, XBlock>(xp, M, K, wp, N, row_bytes, yp); break;
+    case Q4_1: matmul<Q4_1, XBlock>(xp, M, K, wp, N, row_bytes, yp); break;
+    case Q4_K: matmul<Q4_K, XSuper>(xp, M, K, wp, N, row_bytes, yp); break;
+    case Q5_K: matmul<Q5_K, XSuper>(xp, M, K, wp, N, row_bytes, yp); break;
+    default: matmul<Q6_K, XSuper>(xp, M, K, wp, N, row_bytes, yp); break;
+  }
   return y;
 }
 
@@ -177,33 +462,22 @@ torch::Tensor dequantize(torch::Tensor w, int64_t type) {
   w = w.contiguous();
   const int64_t N = w.size(0), row_bytes = w.size(1), bb = block_bytes(type);
   TORCH_CHECK(row_bytes % bb == 0, "dequantize: row of ", row_bytes, " bytes is not whole blocks");
-  const int64_t n_blocks = row_bytes / bb, K = n_blocks * QK;
+  const int64_t n_blocks = row_bytes / bb, K = n_blocks * block_values(type);
   auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
   float* op = out.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; n++) {
-      for (int64_t b = 0; b < n_blocks; b++) {
-        const uint8_t* blk = wp + n * row_bytes + b * bb;
-        float* o = op + n * K + b * QK;
-        const float d = half_to_float(blk);
-        if (type == Q8_0) {
-          for (int i = 0; i < QK; i++) o[i] = d * static_cast<int8_t>(blk[2 + i]);
-        } else {
-          const float mn = type == Q4_1 ? half_to_float(blk + 2) : -8.f * d;
-          const uint8_t* qs = blk + (type == Q4_1 ? 4 : 2);
-          for (int i = 0; i < QK / 2; i++) {
-            o[i] = d * (qs[i] & 0x0F) + mn;
-            o[i + QK / 2] = d * (qs[i] >> 4) + mn;
-          }
-        }
-      }
+    switch (type) {
+      case Q4_K: dequantize_rows_k<Q4_K>(wp, row_bytes, n_blocks, op, n0, n1); break;
+      case Q5_K: dequantize_rows_k<Q5_K>(wp, row_bytes, n_blocks, op, n0, n1); break;
+      case Q6_K: dequantize_rows_k<Q6_K>(wp, row_bytes, n_blocks, op, n0, n1); break;
+      default: dequantize_rows_32(wp, row_bytes, type, n_blocks, op, n0, n1); break;
     }
   });
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("qmatmul", &qmatmul, "x @ dequantize(w).T with 8-bit activations (AVX2)");
-  m.def("dequantize", &dequantize, "dequantize Q8_0/Q4_0/Q4_1 rows to float32");
+  m.def("qmatmul", &qmatmul, "x @ dequantize(w).T with 16-bit activations (AVX2)");
+  m.def("dequantize", &dequantize, "dequantize Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K rows to float32");
 }
