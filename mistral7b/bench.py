@@ -154,6 +154,8 @@ def long_context_model(window: int | None, max_seq_len: int, n_layers: int = 4,
                          hidden_dim=2048, vocab_size=1024, sliding_window=window,
                          max_seq_len=max_seq_len, source="random (bench --long)")
     model = Transformer(config).eval().requires_grad_(False)
+    assert isinstance(model.tok_embeddings, torch.nn.Embedding)
+    torch.nn.init.normal_(model.tok_embeddings.weight)
     return LLM(model, MissingTokenizer(Path("."), config.vocab_size), torch.float32)
 
 

@@ -152,7 +152,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.tok_embeddings: nn.Module = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # Weights come from a checkpoint: the embedding is left uninitialised (its random
+        # initialisation costs ~1 s when building on the meta device, for nothing).
+        self.tok_embeddings: nn.Module = nn.Embedding(
+            cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim))
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # Tied models (many Llama-family ones) reuse the embedding matrix as the output head.
