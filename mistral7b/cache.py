@@ -56,7 +56,8 @@ class CacheStep:
 
 
 class RollingCache:
-    """Key/value buffers of shape (n_layers, rows, slots, n_kv_heads, head_dim)."""
+    """Key/value buffers of shape (n_layers, rows, n_kv_heads, slots, head_dim): each head's keys
+    are one contiguous (slots, head_dim) matrix, which is what attention multiplies with."""
 
     def __init__(self, config: ModelConfig, rows: int = 1, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", max_slots: int | None = None,
@@ -69,7 +70,7 @@ class RollingCache:
             self.max_slots = min(self.max_slots, self.window)
         self.lengths = [0] * rows  # positions seen by each row
         slots = max(1, min(initial_slots, self.max_slots))
-        shape = (config.n_layers, rows, slots, config.n_kv_heads, config.head_dim)
+        shape = (config.n_layers, rows, config.n_kv_heads, slots, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -79,7 +80,7 @@ class RollingCache:
 
     @property
     def slots(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def nbytes(self) -> int:
@@ -155,14 +156,15 @@ class RollingCache:
 
     def update(self, layer: int, step: CacheStep, k_new: torch.Tensor, v_new: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new keys/values (B, T, n_kv, head_dim) and return the keys and
-        values the chunk attends to, in the order `step.mask` describes."""
+        """Store this layer's new keys/values (B, n_kv, T, head_dim) and return the keys and
+        values the chunk attends to, (B, n_kv, keys, head_dim), in the order `step.mask`
+        describes."""
         if step.write_first:
             self._write(layer, step, k_new, v_new)
             return self._read(layer, step)
         k_old, v_old = self._read(layer, step)
-        keys = torch.cat((k_old, k_new), dim=1)                          # (B, S + T, n_kv, hd)
-        values = torch.cat((v_old, v_new), dim=1)
+        keys = torch.cat((k_old, k_new.to(k_old.dtype)), dim=2)          # (B, n_kv, S + T, hd)
+        values = torch.cat((v_old, v_new.to(v_old.dtype)), dim=2)
         self._write(layer, step, k_new, v_new)
         return keys, values
 
@@ -177,25 +179,28 @@ class RollingCache:
         if step.contiguous:
             first = int(step.rows[0])
             span = slice(first, first + len(step.rows))
-            return self.k[layer, span, used], self.v[layer, span, used]
-        return self.k[layer, step.rows, used], self.v[layer, step.rows, used]
+            return self.k[layer, span, :, used], self.v[layer, span, :, used]
+        return self.k[layer, step.rows, :, used], self.v[layer, step.rows, :, used]
 
     def _write(self, layer: int, step: CacheStep, k_new: torch.Tensor, v_new: torch.Tensor
                ) -> None:
-        dest = (step.rows[step.write_b], step.write_slot)
-        self.k[layer].index_put_(dest, k_new[step.write_b, step.write_t].to(self.k.dtype))
-        self.v[layer].index_put_(dest, v_new[step.write_b, step.write_t].to(self.v.dtype))
+        rows = step.rows[step.write_b]
+        # (N, n_kv, head_dim) values into [row, :, slot] for each of the N (row, token) pairs.
+        self.k[layer][rows, :, step.write_slot] = k_new[step.write_b, :, step.write_t].to(
+            self.k.dtype)
+        self.v[layer][rows, :, step.write_slot] = v_new[step.write_b, :, step.write_t].to(
+            self.v.dtype)
 
     def _grow(self, needed: int) -> None:
         """Enlarge every row's buffer before any row wraps, so slot = position still holds."""
         if needed <= self.slots or self.slots >= self.max_slots:
             return
         new_slots = min(self.max_slots, max(needed, 2 * self.slots))
-        shape = (*self.k.shape[:2], new_slots, *self.k.shape[3:])
+        shape = (*self.k.shape[:3], new_slots, self.k.shape[4])
         for name in ("k", "v"):
             old = getattr(self, name)
             new = torch.zeros(shape, dtype=old.dtype, device=old.device)
-            new[:, :, : old.shape[2]] = old
+            new[:, :, :, : old.shape[3]] = old
             setattr(self, name, new)
 
 

@@ -64,15 +64,15 @@ class Attention(nn.Module):
             q = apply_rope(self.wq(x).view(B, T, H, hd), rotations)     # (B, T, H, hd)
             k = apply_rope(self.wk(x).view(B, T, Hkv, hd), rotations)   # (B, T, Hkv, hd)
             v = self.wv(x).view(B, T, Hkv, hd)
-        keys, values = cache.update(layer, step, k, v)                  # (B, K, Hkv, hd)
+        keys, values = cache.update(layer, step, k.transpose(1, 2), v.transpose(1, 2))
+        keys, values = keys.to(q.dtype), values.to(q.dtype)            # (B, Hkv, K, hd)
         if T == 1:
             out = self._decode_attention(q, keys, values, step.mask)    # (B, 1, H, hd)
         else:
             # Query head h reads kv head h // (H / Hkv); enable_gqa shares K/V across the
             # group instead of materialising repeated copies.
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype),
-                values.transpose(1, 2).to(q.dtype), attn_mask=step.mask,
+                q.transpose(1, 2), keys, values, attn_mask=step.mask,
                 enable_gqa=self.n_heads != self.n_kv_heads).transpose(1, 2)  # (B, T, H, hd)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
@@ -83,12 +83,10 @@ class Attention(nn.Module):
         B, _, H, D = q.shape
         G = H // self.n_kv_heads
         q = q.view(B, self.n_kv_heads, G, D)                            # (B, Hkv, G, hd)
-        k = keys.transpose(1, 2).to(q.dtype)                            # (B, Hkv, K, hd)
-        v = values.transpose(1, 2).to(q.dtype)
-        scores = (q @ k.transpose(2, 3)) * D**-0.5                      # (B, Hkv, G, K)
+        scores = (q @ keys.transpose(2, 3)) * D**-0.5                   # (B, Hkv, G, K)
         scores = scores.masked_fill(~mask, float("-inf"))               # mask: (B, 1, 1, K)
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        return (probs @ v).view(B, 1, H, D)
+        return (probs @ values).view(B, 1, H, D)
 
 
 class FeedForward(nn.Module):
