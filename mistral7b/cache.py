@@ -44,6 +44,7 @@ class CacheStep:
     """Index arithmetic for one forward pass over `rows`, shared by every layer."""
 
     rows: torch.Tensor          # (B,) cache rows taking part
+    first_row: int
     contiguous: bool            # rows == start..start+B-1: read the buffer as a view, no gather
     positions: torch.Tensor     # (B, T) absolute position of each new token (padding included)
     n_new: list[int]            # valid new tokens per row; the rest of T is padding
@@ -52,6 +53,7 @@ class CacheStep:
     mask: torch.Tensor          # (B, 1, T, keys) bool, True where a query may attend a key
     write_b: torch.Tensor       # (N,) batch index of each (row, token) to store
     write_t: torch.Tensor       # (N,) token index within the chunk
+    write_row: torch.Tensor     # (N,) its cache row
     write_slot: torch.Tensor    # (N,) destination slot
 
 
@@ -150,9 +152,10 @@ class RollingCache:
         write_slot = positions[write_b, write_t] % S
         rows_t = torch.tensor(rows, device=device)
         return CacheStep(
-            rows=rows_t, contiguous=rows == list(range(rows[0], rows[0] + B)),
+            rows=rows_t, first_row=rows[0], contiguous=rows == list(range(rows[0], rows[0] + B)),
             positions=positions, n_new=list(n_new), write_first=write_first, n_slots=n_slots,
-            mask=mask[:, None], write_b=write_b, write_t=write_t, write_slot=write_slot)
+            mask=mask[:, None], write_b=write_b, write_t=write_t, write_row=rows_t[write_b],
+            write_slot=write_slot)
 
     def update(self, layer: int, step: CacheStep, k_new: torch.Tensor, v_new: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,19 +180,16 @@ class RollingCache:
     def _read(self, layer: int, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
         used = slice(0, step.n_slots)
         if step.contiguous:
-            first = int(step.rows[0])
-            span = slice(first, first + len(step.rows))
+            span = slice(step.first_row, step.first_row + len(step.n_new))
             return self.k[layer, span, :, used], self.v[layer, span, :, used]
         return self.k[layer, step.rows, :, used], self.v[layer, step.rows, :, used]
 
     def _write(self, layer: int, step: CacheStep, k_new: torch.Tensor, v_new: torch.Tensor
                ) -> None:
-        rows = step.rows[step.write_b]
         # (N, n_kv, head_dim) values into [row, :, slot] for each of the N (row, token) pairs.
-        self.k[layer][rows, :, step.write_slot] = k_new[step.write_b, :, step.write_t].to(
-            self.k.dtype)
-        self.v[layer][rows, :, step.write_slot] = v_new[step.write_b, :, step.write_t].to(
-            self.v.dtype)
+        where = (step.write_row, slice(None), step.write_slot)
+        self.k[layer][where] = k_new[step.write_b, :, step.write_t].to(self.k.dtype)
+        self.v[layer][where] = v_new[step.write_b, :, step.write_t].to(self.v.dtype)
 
     def _grow(self, needed: int) -> None:
         """Enlarge every row's buffer before any row wraps, so slot = position still holds."""

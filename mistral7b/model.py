@@ -30,6 +30,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op
         # Normalise in float32 whatever the weights' dtype, as the reference does.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.type_as(x) * self.weight
@@ -83,9 +85,9 @@ class Attention(nn.Module):
         B, _, H, D = q.shape
         G = H // self.n_kv_heads
         q = q.view(B, self.n_kv_heads, G, D)                            # (B, Hkv, G, hd)
-        scores = (q @ keys.transpose(2, 3)) * D**-0.5                   # (B, Hkv, G, K)
-        scores = scores.masked_fill(~mask, float("-inf"))               # mask: (B, 1, 1, K)
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        scores = (q @ keys.transpose(2, 3)).mul_(D**-0.5)               # (B, Hkv, G, K)
+        scores.masked_fill_(mask.logical_not(), float("-inf"))          # mask: (B, 1, 1, K)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return (probs @ values).view(B, 1, H, D)
 
 
