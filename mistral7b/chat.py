@@ -223,16 +223,10 @@ def find_chat_template(directory: Path) -> str | None:
 
 # --- Mistral 7B v0.1 instruct format ----------------------------------------------------------
 
-def encode_mistral_v1_chat(messages: Sequence[Message], encode: Callable[[str], list[int]],
-                           bos_id: int, eos_id: int) -> list[int]:
-    """`<s>[INST] {user} [/INST]{assistant}</s>[INST] {user} [/INST]`, token for token as
-    mistral-common's v1 instruct tokenizer makes it, for other SentencePiece vocabularies.
-
-    `encode(text)` is a plain SentencePiece encode (dummy prefix on, no BOS/EOS). Each user turn is
-    `encode("[INST] " + content + " [/INST]")`, each assistant turn `encode(content) + [eos_id]`.
-    v1 has no system role: a system message (first only) is prepended to the first user message
-    with a blank line, as mistral-common does (and skipped when empty, as it does too).
-    """
+def split_instruct_turns(messages: Sequence[Message]) -> tuple[str | None, list[Message]]:
+    """The rules of Mistral's v1 instruct format: an optional system message first, then turns
+    alternating user/assistant, starting and ending with user. Returns (system, turns); a
+    conversation breaking a rule is an InvalidArgumentError naming the message."""
     validate_messages(messages)
     system: str | None = None
     turns = list(messages)
@@ -253,6 +247,23 @@ def encode_mistral_v1_chat(messages: Sequence[Message], encode: Callable[[str], 
     if turns[-1]["role"] != "user":
         raise InvalidArgumentError(f"messages[{len(messages) - 1}].role: the conversation must "
                                    "end with a user message, for the assistant to answer")
+    return system, turns
+
+
+def encode_mistral_v1_chat(messages: Sequence[Message], encode: Callable[[str], list[int]],
+                           bos_id: int, eos_id: int) -> list[int]:
+    """`<s>[INST] {user} [/INST]{assistant}</s>[INST] {user} [/INST]`, token for token as
+    mistral-common's v1 instruct tokenizer makes it, for other SentencePiece vocabularies.
+
+    `encode(text)` is a plain SentencePiece encode (dummy prefix on, no BOS/EOS). Each user turn is
+    `encode("[INST] " + content + " [/INST]")`, each assistant turn `encode(content) + [eos_id]`.
+    v1 has no system role: a system message (first only) is prepended to the first user message
+    with a blank line, as mistral-common does (and skipped when empty, as it does too).
+    """
+    system, turns = split_instruct_turns(messages)
+    tokens = [bos_id]
+    if turns[0]["role"] == "system":
+        system = turns.pop(0)["content"]
     tokens = [bos_id]
     for j, m in enumerate(turns):
         if m["role"] == "user":

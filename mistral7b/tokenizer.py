@@ -80,6 +80,12 @@ class MistralCommonTokenizer:
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
         validate_messages(messages)
+        if str(self._raw.version).lower().endswith("v1"):
+            # mistral-common's v1 encoder joins two user turns in a row and accepts roles out
+            # of order; the v1 format does not allow them, and our GGUF v1 encoder refuses them.
+            from mistral7b.chat import split_instruct_turns
+
+            split_instruct_turns(messages)
         kinds: dict[str, Any] = {"system": SystemMessage, "user": UserMessage,
                                  "assistant": AssistantMessage}
         request = ChatCompletionRequest(

@@ -69,6 +69,12 @@ def test_v1_two_turn_chat_with_system_prompt(v1, spm) -> None:
     ([{"role": "robot", "content": "hi"}], "unknown role"),
     ([{"role": "user"}], "messages\\[0\\]"),
     ([{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}], "messages"),
+    # mistral-common itself would join these; the v1 format has no such conversation.
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+     r"messages\[1\]\.role: expected assistant"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+      {"role": "system", "content": "c"}, {"role": "user", "content": "d"}],
+     r"messages\[2\]: a system message must be the first"),
 ])
 def test_bad_conversations_are_clear_errors(v1, messages, field: str) -> None:
     with pytest.raises(InvalidArgumentError, match=field):
