@@ -360,14 +360,55 @@ inline float dot_row(const uint8_t* row, const X* x, int64_t n_blocks) {
   }
 }
 
+// The same dot product for MT activation rows at once (32-value formats): each weight block is
+// unpacked once and used MT times, which is what batched decoding needs.
+template <int64_t TYPE, int MT>
+inline void dot_rows(const uint8_t* row, const XBlock* x, int64_t n_blocks, float* out) {
+  constexpr int64_t BB = kBlockBytes<TYPE>;
+  __m256 acc[MT];
+  float extra[MT];
+  for (int t = 0; t < MT; t++) { acc[t] = _mm256_setzero_ps(); extra[t] = 0.f; }
+  for (int64_t b = 0; b < n_blocks; b++) {
+    const uint8_t* blk = row + b * BB;
+    const float d = half_to_float(blk);
+    float offset = 0.f;  // per unit of sum(x): -8 d for Q4_0, m for Q4_1
+    __m256i lo, hi;
+    if constexpr (TYPE == Q8_0) {
+      lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
+      hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)));
+    } else if constexpr (TYPE == Q4_0) {
+      unpack_nibbles(blk + 2, lo, hi);
+      offset = -8.f * d;
+    } else {
+      unpack_nibbles(blk + 4, lo, hi);
+      offset = half_to_float(blk + 2);
+    }
+    for (int t = 0; t < MT; t++) {
+      const XBlock& xb = x[t * n_blocks + b];
+      acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), dot_i16(lo, hi, xb.q), acc[t]);
+      extra[t] += offset * xb.s;
+    }
+  }
+  for (int t = 0; t < MT; t++) out[t] = hsum(acc[t]) + extra[t];
+}
+
 // y[m, n] for rows n in [n0, n1) of W and all M rows of x (n_blocks blocks each). The weight
-// row stays in L1 while every activation row passes over it.
+// row stays in L1 while every activation row passes over it; the 32-value formats take four
+// activation rows per pass.
 template <int64_t TYPE, class X>
 void rows_kernel(const uint8_t* w, int64_t row_bytes, int64_t n_blocks, const X* xq, int64_t M,
                  float* y, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n++) {
     const uint8_t* row = w + n * row_bytes;
-    for (int64_t m = 0; m < M; m++) y[m * N + n] = dot_row<TYPE>(row, xq + m * n_blocks, n_blocks);
+    int64_t m = 0;
+    if constexpr (std::is_same_v<X, XBlock>) {
+      float out[4];
+      for (; m + 4 <= M; m += 4) {
+        dot_rows<TYPE, 4>(row, xq + m * n_blocks, n_blocks, out);
+        for (int t = 0; t < 4; t++) y[(m + t) * N + n] = out[t];
+      }
+    }
+    for (; m < M; m++) y[m * N + n] = dot_row<TYPE>(row, xq + m * n_blocks, n_blocks);
   }
 }
 
