@@ -158,3 +158,15 @@ def test_a_non_gguf_file_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"hello")
     with pytest.raises(LoadError, match=r"not a \.gguf"):
         mistral7b.load(path)
+
+
+@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16], ids=lambda q: q.name)
+def test_16_bit_weights_stay_16_bit(tmp_path: Path, qtype: Q) -> None:
+    from mistral7b.quant.modules import QuantLinear
+
+    path = tmp_path / f"tiny-{qtype.name}.gguf"
+    write_gguf(small_mistral(), path, qtype, window=W)
+    model = mistral7b.load(path).model               # float32 activations
+    matrices = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert matrices and all(m.fmt == qtype.name for m in matrices)
+    assert all(m.weight.nbytes == 2 * m.in_features * m.out_features for m in matrices)

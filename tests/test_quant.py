@@ -17,7 +17,7 @@ from mistral7b.quant.formats import FORMATS as FORMATS_BY_NAME
 from mistral7b.quant.modules import QuantEmbedding, QuantLinear
 from tests.gguf_writer import random_k_blocks
 
-FORMATS = ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"]
+FORMATS = ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"]
 # (rows of x, out features, in features): odd output counts, several block counts, batch 1,
 # small batches, and past the integer kernel's row limit (the dequantize + BLAS path).
 SHAPES = [(1, 7, 256), (1, 33, 512), (3, 65, 256), (16, 129, 768), (17, 31, 256), (40, 5, 512)]
@@ -30,6 +30,10 @@ def packed_weight(fmt: str, rows: int, cols: int, seed: int = 0) -> tuple[torch.
     kind = Q[fmt]
     if fmt.endswith("_K"):
         raw = random_k_blocks(rows, cols, kind, rng)
+    elif fmt == "F16":
+        raw = rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8)
+        reference = raw.view(np.float16).astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(raw)), torch.from_numpy(reference)
     else:
         raw = gguf_quantize(rng.standard_normal((rows, cols)).astype(np.float32), kind)
     reference = np.asarray(gguf_dequantize(raw, kind), dtype=np.float32).reshape(rows, cols)

@@ -46,7 +46,9 @@ def read_gguf(path: Path, dequantize: bool = False
     tensors = []
     for t in gguf.tensors:
         shape = tuple(reversed(t.shape))  # GGUF lists dims innermost first
-        if t.type_name in FORMATS and not dequantize:
+        # Matrices stay in their stored format (blocks, or 16-bit floats); vectors (norms) and
+        # everything with dequantize=True become floats of the model's dtype.
+        if t.type_name in FORMATS and len(shape) == 2 and not dequantize:
             tensors.append(TensorRef(t.name, shape, _packed_reader(gguf, t), str(path),
                                      packed=t.type_name))
         else:
@@ -57,7 +59,10 @@ def read_gguf(path: Path, dequantize: bool = False
 def _packed_reader(gguf: GGUFFile, tensor: TensorInfo) -> Callable[[], torch.Tensor]:
     def read() -> torch.Tensor:
         # A copy: the memory map is read-only, and the copy leaves the file free to close.
-        return torch.from_numpy(np.array(gguf.tensor_data(tensor), dtype=np.uint8, copy=True))
+        # F16 comes back as float16 numbers: keep its bytes, (rows, 2 * cols).
+        data = gguf.tensor_data(tensor)
+        rows = data.shape[0] if data.ndim > 1 else 1
+        return torch.from_numpy(np.array(data.view(np.uint8).reshape(rows, -1), copy=True))
 
     return read
 

@@ -31,7 +31,12 @@ FORMATS = {f.name: f for f in (
     BlockFormat("Q4_K", 12, 256, 144),
     BlockFormat("Q5_K", 13, 256, 176),
     BlockFormat("Q6_K", 14, 256, 210),
+    # 16-bit floats, kept as their bytes so they travel the same way as the blocks above.
+    BlockFormat("F16", 1, 1, 2),
+    BlockFormat("BF16", 30, 1, 2),
 )}
+
+HALF_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def _f16(blocks: torch.Tensor, offset: int) -> torch.Tensor:
@@ -48,6 +53,8 @@ def dequantize(raw: torch.Tensor, fmt: str) -> torch.Tensor:
     """Rows of blocks (N, row_bytes) uint8 -> (N, K) float32."""
     spec = FORMATS[fmt]
     rows = raw.shape[0]
+    if fmt in HALF_DTYPES:
+        return raw.contiguous().view(HALF_DTYPES[fmt]).float()
     blocks = raw.reshape(-1, spec.block_bytes)
     if fmt == "Q8_0":
         values = _f16(blocks, 0) * blocks[:, 2:].contiguous().view(torch.int8).float()

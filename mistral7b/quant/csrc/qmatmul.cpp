@@ -518,7 +518,97 @@ torch::Tensor dequantize(torch::Tensor w, int64_t type) {
   return out;
 }
 
+// ---- 16-bit float weights (GGUF F16 / BF16) with float32 activations -----------------------
+
+namespace {
+
+// 8 weights (F16 or BF16 bits) -> 8 floats.
+template <bool BF16>
+inline __m256 load8_half(const uint16_t* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (BF16) {  // bfloat16 is the top half of a float32
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  } else {
+    return _mm256_cvtph_ps(bits);
+  }
+}
+
+template <bool BF16>
+inline float half_scalar(uint16_t h) {
+  if constexpr (BF16) {
+    const uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  } else {
+    return _cvtsh_ss(h);
+  }
+}
+
+template <bool BF16>
+void half_rows(const uint16_t* w, int64_t K, const float* x, int64_t M, float* y, int64_t N,
+               int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n++) {
+    const uint16_t* row = w + n * K;
+    for (int64_t m = 0; m < M; m++) {
+      const float* xm = x + m * K;
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16) {
+        acc0 = _mm256_fmadd_ps(load8_half<BF16>(row + k), _mm256_loadu_ps(xm + k), acc0);
+        acc1 = _mm256_fmadd_ps(load8_half<BF16>(row + k + 8), _mm256_loadu_ps(xm + k + 8), acc1);
+      }
+      float tail = 0.f;
+      for (; k < K; k++) tail += half_scalar<BF16>(row[k]) * xm[k];
+      y[m * N + n] = hsum(_mm256_add_ps(acc0, acc1)) + tail;
+    }
+  }
+}
+
+}  // namespace
+
+// x (M, K) float32 @ W.T for W (N, K) stored as F16 or BF16 bits in a (N, 2K) uint8 tensor.
+torch::Tensor half_matmul(torch::Tensor x, torch::Tensor w, bool bf16) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "half_matmul: x must be fp32");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8, "half_matmul: w must be uint8");
+  x = x.contiguous();
+  w = w.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) == 2 * K, "half_matmul: weight row has ", w.size(1), " bytes, expected ",
+              2 * K);
+  auto y = torch::empty({M, N}, x.options());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<uint8_t>());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    if (bf16) half_rows<true>(wp, K, xp, M, yp, N, n0, n1);
+    else half_rows<false>(wp, K, xp, M, yp, N, n0, n1);
+  });
+  return y;
+}
+
+// W (N, 2K) uint8 holding F16 or BF16 bits -> (N, K) float32.
+torch::Tensor half_dequantize(torch::Tensor w, bool bf16) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.size(1) % 2 == 0,
+              "half_dequantize: w must be 2-D uint8 with an even row length");
+  w = w.contiguous();
+  const int64_t N = w.size(0), K = w.size(1) / 2;
+  auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<uint8_t>());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N * K, 4096, [&](int64_t i0, int64_t i1) {
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) {
+      _mm256_storeu_ps(op + i, bf16 ? load8_half<true>(wp + i) : load8_half<false>(wp + i));
+    }
+    for (; i < i1; i++) op[i] = bf16 ? half_scalar<true>(wp[i]) : half_scalar<false>(wp[i]);
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("half_matmul", &half_matmul, "x @ W.T for F16/BF16 weights, float32 activations");
+  m.def("half_dequantize", &half_dequantize, "F16/BF16 bits to float32");
   m.def("qmatmul", &qmatmul, "x @ dequantize(w).T with 16-bit activations (AVX2)");
   m.def("dequantize", &dequantize, "dequantize Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K rows to float32");
 }
