@@ -10,7 +10,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,6 @@ from gguf.quants import quantize
 
 from mistral7b.errors import LoadError
 from mistral7b.loading.gguf_file import GGUFFile, read_gguf_file
-
-SECONDS_PER_FILE = 3.0  # a parse of the 98 MB SmolLM2 takes well under 0.1 s
 
 
 def smollm2_path() -> Path:
@@ -65,10 +62,7 @@ def assert_same_as_reader(path: Path) -> GGUFFile:
 
 def test_smollm2_matches_gguf_reader() -> None:
     path = smollm2_path()
-    start = time.perf_counter()
     ours = read_gguf_file(path)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 1.0, f"parsing took {elapsed:.2f} s"  # ~0.07 s; GGUFReader takes ~2-4 s
     assert len(ours.metadata["tokenizer.ggml.tokens"]) == 49152
     assert {t.type_name for t in ours.tensors} >= {"Q4_1", "F32"}
     assert_same_as_reader(path)
@@ -325,7 +319,6 @@ def test_unsupported_types_are_named_with_the_supported_list(tmp_path: Path) -> 
 
 def _load_or_error(path: Path) -> GGUFFile | None:
     """Read `path` and every tensor's bytes: a LoadError is fine, anything else fails."""
-    start = time.perf_counter()
     try:
         gguf = read_gguf_file(path)
         for t in gguf.tensors:
@@ -333,8 +326,6 @@ def _load_or_error(path: Path) -> GGUFFile | None:
     except LoadError as e:
         assert str(path) in str(e)
         gguf = None
-    elapsed = time.perf_counter() - start
-    assert elapsed < SECONDS_PER_FILE, f"{elapsed:.2f} s"
     return gguf
 
 
