@@ -17,11 +17,11 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from mistral7b.quant.formats import FORMATS, HALF_DTYPES, dequantize
+from mistral7b.quant.formats import FORMATS, dequantize
 
 log = logging.getLogger("mistral7b")
 
-# Formats the C++ kernels implement (qmatmul/half_matmul and dequantize): all of FORMATS.
+# Formats the C++ kernels implement (qmatmul and dequantize): all of FORMATS.
 FAST_FORMATS = {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"}
 
 # Up to this many rows of x, the integer kernel (16-bit activations); above it, dequantize the
@@ -74,8 +74,6 @@ def dequantize_rows(raw: torch.Tensor, fmt: str) -> torch.Tensor:
     """(N, row_bytes) uint8 -> (N, K) float32."""
     ext = extension() if fmt in FAST_FORMATS and raw.device.type == "cpu" else None
     if ext is not None:
-        if fmt in HALF_DTYPES:
-            return ext.half_dequantize(raw, fmt == "BF16")
         return ext.dequantize(raw, FORMATS[fmt].ggml_type)
     return dequantize(raw, fmt)
 
@@ -84,7 +82,5 @@ def linear(x: torch.Tensor, raw: torch.Tensor, fmt: str) -> torch.Tensor:
     """x (M, K) float32 @ W.T for W stored as (N, row_bytes) blocks of `fmt`; (M, N) float32."""
     ext = extension() if fmt in FAST_FORMATS and x.device.type == "cpu" else None
     if ext is not None and x.shape[0] <= INT8_MAX_ROWS:
-        if fmt in HALF_DTYPES:
-            return ext.half_matmul(x, raw, fmt == "BF16")
         return ext.qmatmul(x, raw, FORMATS[fmt].ggml_type)
     return F.linear(x, dequantize_rows(raw, fmt))

@@ -55,7 +55,10 @@ namespace {
 constexpr int64_t QK = 32;     // values per activation run, and per Q8_0/Q4_0/Q4_1 block
 constexpr int64_t QK_K = 256;  // values per K-quant block
 
-enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };  // ggml ids
+// ggml ids; F16 and BF16 are 16-bit floats (one value per "block"), multiplied in float32.
+enum QType : int64_t {
+  F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30
+};
 
 template <int64_t T>
 constexpr int64_t kBlockBytes = T == Q8_0 ? 34 : T == Q4_0 ? 18 : T == Q4_1 ? 20
@@ -71,11 +74,14 @@ int64_t block_bytes(int64_t type) {
     case Q4_K: return kBlockBytes<Q4_K>;
     case Q5_K: return kBlockBytes<Q5_K>;
     case Q6_K: return kBlockBytes<Q6_K>;
+    case F16: case BF16: return 2;
   }
   TORCH_CHECK(false, "qmatmul: unsupported ggml type ", type);
 }
 
-int64_t block_values(int64_t type) { return is_k_quant(type) ? QK_K : QK; }
+bool is_half(int64_t type) { return type == F16 || type == BF16; }
+
+int64_t block_values(int64_t type) { return is_k_quant(type) ? QK_K : is_half(type) ? 1 : QK; }
 
 struct XBlock {     // one quantized run of an activation row, for the 32-value formats
   int16_t q[QK];
@@ -468,59 +474,7 @@ void dequantize_rows_k(const uint8_t* wp, int64_t row_bytes, int64_t n_blocks, f
   }
 }
 
-}  // namespace
-
-// x: (M, K) float32 contiguous; w: (N, row_bytes) uint8; returns (M, N) float32.
-torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t type) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "qmatmul: x must be 2-D fp32");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8, "qmatmul: w must be 2-D uint8");
-  x = x.contiguous();
-  w = w.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const int64_t bv = block_values(type), bb = block_bytes(type);
-  TORCH_CHECK(K % bv == 0, "qmatmul: K must be a multiple of ", bv, ", got ", K);
-  const int64_t row_bytes = w.size(1);
-  TORCH_CHECK(row_bytes == K / bv * bb, "qmatmul: weight row has ", row_bytes,
-              " bytes, expected ", K / bv * bb, " for K = ", K);
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  switch (type) {
-    case Q8_0: matmul<Q8_0, XBlock>(xp, M, K, wp, N, row_bytes, yp); break;
-    case Q4_0: matmul<Q4_0, XBlock>(xp, M, K, wp, N, row_bytes, yp); break;
-    case Q4_1: matmul<Q4_1, XBlock>(xp, M, K, wp, N, row_bytes, yp); break;
-    case Q4_K: matmul<Q4_K, XSuper>(xp, M, K, wp, N, row_bytes, yp); break;
-    case Q5_K: matmul<Q5_K, XSuper>(xp, M, K, wp, N, row_bytes, yp); break;
-    default: matmul<Q6_K, XSuper>(xp, M, K, wp, N, row_bytes, yp); break;
-  }
-  return y;
-}
-
-// Dequantize rows: w (N, row_bytes) uint8 -> (N, K) float32.
-torch::Tensor dequantize(torch::Tensor w, int64_t type) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8, "dequantize: w must be 2-D uint8");
-  w = w.contiguous();
-  const int64_t N = w.size(0), row_bytes = w.size(1), bb = block_bytes(type);
-  TORCH_CHECK(row_bytes % bb == 0, "dequantize: row of ", row_bytes, " bytes is not whole blocks");
-  const int64_t n_blocks = row_bytes / bb, K = n_blocks * block_values(type);
-  auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
-  float* op = out.data_ptr<float>();
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    switch (type) {
-      case Q4_K: dequantize_rows_k<Q4_K>(wp, row_bytes, n_blocks, op, n0, n1); break;
-      case Q5_K: dequantize_rows_k<Q5_K>(wp, row_bytes, n_blocks, op, n0, n1); break;
-      case Q6_K: dequantize_rows_k<Q6_K>(wp, row_bytes, n_blocks, op, n0, n1); break;
-      default: dequantize_rows_32(wp, row_bytes, type, n_blocks, op, n0, n1); break;
-    }
-  });
-  return out;
-}
-
 // ---- 16-bit float weights (GGUF F16 / BF16) with float32 activations -----------------------
-
-namespace {
 
 // 8 weights (F16 or BF16 bits) -> 8 floats.
 template <bool BF16>
@@ -565,50 +519,77 @@ void half_rows(const uint16_t* w, int64_t K, const float* x, int64_t M, float* y
   }
 }
 
+
+// Rows n in [n0, n1) of 16-bit float weights, converted into out (N, K).
+template <bool BF16>
+void half_dequantize_rows(const uint16_t* w, int64_t K, float* out, int64_t n0, int64_t n1) {
+  int64_t i = n0 * K;
+  for (; i + 8 <= n1 * K; i += 8) _mm256_storeu_ps(out + i, load8_half<BF16>(w + i));
+  for (; i < n1 * K; i++) out[i] = half_scalar<BF16>(w[i]);
+}
+
 }  // namespace
 
-// x (M, K) float32 @ W.T for W (N, K) stored as F16 or BF16 bits in a (N, 2K) uint8 tensor.
-torch::Tensor half_matmul(torch::Tensor x, torch::Tensor w, bool bf16) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "half_matmul: x must be fp32");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8, "half_matmul: w must be uint8");
+// x: (M, K) float32 contiguous; w: (N, row_bytes) uint8; returns (M, N) float32.
+torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t type) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "qmatmul: x must be 2-D fp32");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8, "qmatmul: w must be 2-D uint8");
   x = x.contiguous();
   w = w.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.size(1) == 2 * K, "half_matmul: weight row has ", w.size(1), " bytes, expected ",
-              2 * K);
+  const int64_t bv = block_values(type), bb = block_bytes(type);
+  TORCH_CHECK(K % bv == 0, "qmatmul: K must be a multiple of ", bv, ", got ", K);
+  const int64_t row_bytes = w.size(1);
+  TORCH_CHECK(row_bytes == K / bv * bb, "qmatmul: weight row has ", row_bytes,
+              " bytes, expected ", K / bv * bb, " for K = ", K);
   auto y = torch::empty({M, N}, x.options());
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<uint8_t>());
   const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    if (bf16) half_rows<true>(wp, K, xp, M, yp, N, n0, n1);
-    else half_rows<false>(wp, K, xp, M, yp, N, n0, n1);
-  });
+  if (is_half(type)) {
+    const auto* hp = reinterpret_cast<const uint16_t*>(wp);
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      if (type == BF16) half_rows<true>(hp, K, xp, M, yp, N, n0, n1);
+      else half_rows<false>(hp, K, xp, M, yp, N, n0, n1);
+    });
+    return y;
+  }
+  switch (type) {
+    case Q8_0: matmul<Q8_0, XBlock>(xp, M, K, wp, N, row_bytes, yp); break;
+    case Q4_0: matmul<Q4_0, XBlock>(xp, M, K, wp, N, row_bytes, yp); break;
+    case Q4_1: matmul<Q4_1, XBlock>(xp, M, K, wp, N, row_bytes, yp); break;
+    case Q4_K: matmul<Q4_K, XSuper>(xp, M, K, wp, N, row_bytes, yp); break;
+    case Q5_K: matmul<Q5_K, XSuper>(xp, M, K, wp, N, row_bytes, yp); break;
+    default: matmul<Q6_K, XSuper>(xp, M, K, wp, N, row_bytes, yp); break;
+  }
   return y;
 }
 
-// W (N, 2K) uint8 holding F16 or BF16 bits -> (N, K) float32.
-torch::Tensor half_dequantize(torch::Tensor w, bool bf16) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.size(1) % 2 == 0,
-              "half_dequantize: w must be 2-D uint8 with an even row length");
+// Dequantize rows: w (N, row_bytes) uint8 -> (N, K) float32.
+torch::Tensor dequantize(torch::Tensor w, int64_t type) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8, "dequantize: w must be 2-D uint8");
   w = w.contiguous();
-  const int64_t N = w.size(0), K = w.size(1) / 2;
+  const int64_t N = w.size(0), row_bytes = w.size(1), bb = block_bytes(type);
+  TORCH_CHECK(row_bytes % bb == 0, "dequantize: row of ", row_bytes, " bytes is not whole blocks");
+  const int64_t n_blocks = row_bytes / bb, K = n_blocks * block_values(type);
   auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<uint8_t>());
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, N * K, 4096, [&](int64_t i0, int64_t i1) {
-    int64_t i = i0;
-    for (; i + 8 <= i1; i += 8) {
-      _mm256_storeu_ps(op + i, bf16 ? load8_half<true>(wp + i) : load8_half<false>(wp + i));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    const auto* hp = reinterpret_cast<const uint16_t*>(wp);
+    switch (type) {
+      case F16: half_dequantize_rows<false>(hp, K, op, n0, n1); break;
+      case BF16: half_dequantize_rows<true>(hp, K, op, n0, n1); break;
+      case Q4_K: dequantize_rows_k<Q4_K>(wp, row_bytes, n_blocks, op, n0, n1); break;
+      case Q5_K: dequantize_rows_k<Q5_K>(wp, row_bytes, n_blocks, op, n0, n1); break;
+      case Q6_K: dequantize_rows_k<Q6_K>(wp, row_bytes, n_blocks, op, n0, n1); break;
+      default: dequantize_rows_32(wp, row_bytes, type, n_blocks, op, n0, n1); break;
     }
-    for (; i < i1; i++) op[i] = bf16 ? half_scalar<true>(wp[i]) : half_scalar<false>(wp[i]);
   });
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("half_matmul", &half_matmul, "x @ W.T for F16/BF16 weights, float32 activations");
-  m.def("half_dequantize", &half_dequantize, "F16/BF16 bits to float32");
   m.def("qmatmul", &qmatmul, "x @ dequantize(w).T with 16-bit activations (AVX2)");
-  m.def("dequantize", &dequantize, "dequantize Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K rows to float32");
+  m.def("dequantize", &dequantize, "dequantize Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/F16/BF16 rows to float32");
 }
