@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from mistral7b.cache import RollingCache
-from mistral7b.generate import decode_step, prefill
+from mistral7b.generate import decode_step, default_chunk_size, prefill
 from mistral7b.llm import LLM
 
 
@@ -47,7 +47,7 @@ def _fresh_cache(llm: LLM, batch: int, depth: int) -> RollingCache:
     cache = RollingCache(llm.config, rows=batch, dtype=llm.dtype, device=llm.device)
     if depth:
         prefill(llm.model, cache, list(range(batch)), _random_prompts(llm, batch, depth, 1),
-                llm.config.sliding_window or 4096)
+                default_chunk_size(llm.config))
     return cache
 
 
@@ -55,7 +55,7 @@ def time_prefill(llm: LLM, n: int, depth: int, chunk_size: int | None = None) ->
     cache = _fresh_cache(llm, 1, depth)
     prompt = _random_prompts(llm, 1, n, 2)
     start = time.perf_counter()
-    prefill(llm.model, cache, [0], prompt, chunk_size or llm.config.sliding_window or 4096)
+    prefill(llm.model, cache, [0], prompt, chunk_size or default_chunk_size(llm.config))
     return n / (time.perf_counter() - start)
 
 

@@ -97,9 +97,8 @@ def decode_step(model: Transformer, cache: RollingCache, rows: list[int], tokens
 def all_logits(model: Transformer, prompt: Sequence[int], chunk_size: int,
                dtype: torch.dtype) -> torch.Tensor:
     """(T, vocab) float32 logits of every position of one sequence, pre-filled in chunks."""
-    cache = RollingCache(model.config, rows=1, dtype=dtype,
-                         device=model.device)
     device = model.device
+    cache = RollingCache(model.config, rows=1, dtype=dtype, device=device)
     out = []
     for start in range(0, len(prompt), chunk_size):
         tokens = torch.tensor([list(prompt[start:start + chunk_size])], device=device)
