@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistral7b import fused_decode
 from mistral7b.cache import CacheStep, RollingCache
 from mistral7b.config import ModelConfig
 from mistral7b.quant.modules import QuantEmbedding, QuantLinear
@@ -161,6 +162,11 @@ class Transformer(nn.Module):
         # Tied models (many Llama-family ones) reuse the embedding matrix as the output head.
         self.output: nn.Module | None = (
             None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False))
+        # Decode steps of packed models run as one C++ call (fused_decode.py); False forces the
+        # Python layers (benchmarks and tests compare the two).
+        self.fused_decode = True
+        self._decode_weights: fused_decode.DecodeWeights | None = None
+        self._decode_weights_known = False
 
     def fuse(self) -> None:
         """Stack the projections that share an input (q/k/v, gate/up) into one matmul each;
@@ -169,6 +175,7 @@ class Transformer(nn.Module):
             assert isinstance(layer, Block)
             layer.attention.fuse()
             layer.feed_forward.fuse()
+        self._decode_weights_known = False
 
     @property
     def device(self) -> torch.device:
@@ -189,13 +196,25 @@ class Transformer(nn.Module):
         step = cache.begin(rows, n_new)
         rotations = rope_rotations(step.positions, self.config.head_dim, self.config.rope_theta)
         h = self.tok_embeddings(tokens)                                  # (B, T, dim)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rotations, cache, i, step)
+        plan = self._fused_decode_plan() if T == 1 else None
+        if plan is not None and fused_decode.can_run(cache, h):
+            h = fused_decode.decode_layers(self, plan, h, cache, step, rotations)
+        else:
+            for i, layer in enumerate(self.layers):
+                h = layer(h, rotations, cache, i, step)
         cache.end(step)
         if last_only:
             last = torch.tensor(n_new, device=h.device) - 1
             h = h[torch.arange(B, device=h.device), last.clamp(min=0)]   # (B, dim)
         return self.head(self.norm(h)).float()
+
+    def _fused_decode_plan(self) -> fused_decode.DecodeWeights | None:
+        if not self.fused_decode:
+            return None
+        if not self._decode_weights_known:
+            self._decode_weights = fused_decode.gather(self)
+            self._decode_weights_known = True
+        return self._decode_weights
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The output projection; a tied model reuses the embedding matrix (packed or not)."""

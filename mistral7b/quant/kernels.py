@@ -1,9 +1,9 @@
 """The one place that picks how a quantized matmul runs.
 
-Fast path: a C++ extension (csrc/qmatmul.cpp, AVX2 + FMA + F16C) compiled on first use with
-torch.utils.cpp_extension and cached. Portable path: dequantize with PyTorch, then F.linear.
-The fast path is used when the CPU has AVX2, the extension builds, and MISTRAL7B_KERNELS is not
-set to "torch".
+Fast path: a C++ extension (csrc/: qmatmul.cpp for the matmuls, decode.cpp for a whole decode
+step; AVX2 + FMA + F16C) compiled on first use with torch.utils.cpp_extension and cached.
+Portable path: dequantize with PyTorch, then F.linear. The fast path is used when the CPU has
+AVX2, the extension builds, and MISTRAL7B_KERNELS is not set to "torch".
 """
 
 from __future__ import annotations
@@ -59,9 +59,10 @@ def extension() -> ModuleType | None:
 def _build() -> ModuleType | None:
     from torch.utils.cpp_extension import load
 
-    source = Path(__file__).parent / "csrc" / "qmatmul.cpp"
+    csrc = Path(__file__).parent / "csrc"
+    sources = [str(csrc / name) for name in ("qmatmul.cpp", "decode.cpp", "bindings.cpp")]
     try:
-        return load(name="mistral7b_qmatmul", sources=[str(source)],
+        return load(name="mistral7b_kernels", sources=sources, extra_include_paths=[str(csrc)],
                     extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # a missing compiler or headers: run, slower, rather than fail

@@ -39,6 +39,8 @@
 // and scaled by d * sc[j] * x.d[j]. The mins (Q4_K, Q5_K) and the -32 offset (Q6_K) do not
 // depend on each weight, so they are applied once per block through the sums of x.
 
+#include "kernels.h"
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -147,15 +149,6 @@ void quantize_row_k(const float* x, XSuper* out, int64_t n_super) {
       out[b].h[2 * j + 1] = d * static_cast<float>(sums[1]);
     }
   }
-}
-
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  __m128 hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
 }
 
 // sum over 32 weights of w[i] * x[i], w given as two halves of 16 int16 lanes, as 8 float
@@ -530,29 +523,15 @@ void half_dequantize_rows(const uint16_t* w, int64_t K, float* out, int64_t n0, 
 
 }  // namespace
 
-// x: (M, K) float32 contiguous; w: (N, row_bytes) uint8; returns (M, N) float32.
-torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t type) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "qmatmul: x must be 2-D fp32");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8, "qmatmul: w must be 2-D uint8");
-  x = x.contiguous();
-  w = w.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const int64_t bv = block_values(type), bb = block_bytes(type);
-  TORCH_CHECK(K % bv == 0, "qmatmul: K must be a multiple of ", bv, ", got ", K);
-  const int64_t row_bytes = w.size(1);
-  TORCH_CHECK(row_bytes == K / bv * bb, "qmatmul: weight row has ", row_bytes,
-              " bytes, expected ", K / bv * bb, " for K = ", K);
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
+void qmatmul_into(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t N,
+                  int64_t row_bytes, int64_t type, float* yp) {
   if (is_half(type)) {
     const auto* hp = reinterpret_cast<const uint16_t*>(wp);
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
       if (type == BF16) half_rows<true>(hp, K, xp, M, yp, N, n0, n1);
       else half_rows<false>(hp, K, xp, M, yp, N, n0, n1);
     });
-    return y;
+    return;
   }
   switch (type) {
     case Q8_0: matmul<Q8_0, XBlock>(xp, M, K, wp, N, row_bytes, yp); break;
@@ -560,8 +539,30 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t type) {
     case Q4_1: matmul<Q4_1, XBlock>(xp, M, K, wp, N, row_bytes, yp); break;
     case Q4_K: matmul<Q4_K, XSuper>(xp, M, K, wp, N, row_bytes, yp); break;
     case Q5_K: matmul<Q5_K, XSuper>(xp, M, K, wp, N, row_bytes, yp); break;
-    default: matmul<Q6_K, XSuper>(xp, M, K, wp, N, row_bytes, yp); break;
+    case Q6_K: matmul<Q6_K, XSuper>(xp, M, K, wp, N, row_bytes, yp); break;
+    default: TORCH_CHECK(false, "qmatmul: unsupported ggml type ", type);
   }
+}
+
+void check_weight(const torch::Tensor& w, int64_t K, int64_t type, const char* what) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.is_contiguous(), what,
+              ": weight must be a contiguous 2-D uint8 tensor");
+  const int64_t bv = block_values(type), bb = block_bytes(type);
+  TORCH_CHECK(K % bv == 0, what, ": K must be a multiple of ", bv, ", got ", K);
+  TORCH_CHECK(w.size(1) == K / bv * bb, what, ": weight row has ", w.size(1),
+              " bytes, expected ", K / bv * bb, " for K = ", K);
+}
+
+// x: (M, K) float32 contiguous; w: (N, row_bytes) uint8; returns (M, N) float32.
+torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t type) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "qmatmul: x must be 2-D fp32");
+  x = x.contiguous();
+  w = w.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  check_weight(w, K, type, "qmatmul");
+  auto y = torch::empty({M, N}, x.options());
+  qmatmul_into(x.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), N, w.size(1), type,
+               y.data_ptr<float>());
   return y;
 }
 
@@ -587,9 +588,4 @@ torch::Tensor dequantize(torch::Tensor w, int64_t type) {
     }
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("qmatmul", &qmatmul, "x @ dequantize(w).T with 16-bit activations (AVX2)");
-  m.def("dequantize", &dequantize, "dequantize Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/F16/BF16 rows to float32");
 }

@@ -1,0 +1,33 @@
+// What the C++ files of the extension share. qmatmul.cpp: the quantized matmul and dequantize
+// kernels; decode.cpp: one whole decode step; bindings.cpp: the Python module.
+#pragma once
+
+#include <torch/extension.h>
+#include <immintrin.h>
+
+#include <cstdint>
+#include <vector>
+
+// The sum of the 8 floats of v.
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// y (M, N) = x (M, K) @ dequantize(w).T, with w N rows of row_bytes bytes in ggml `type`.
+void qmatmul_into(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
+                  int64_t row_bytes, int64_t type, float* y);
+
+// Checks that w is a contiguous (N, row_bytes) uint8 tensor holding rows of K values of `type`.
+void check_weight(const torch::Tensor& w, int64_t K, int64_t type, const char* what);
+
+torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t type);
+torch::Tensor dequantize(torch::Tensor w, int64_t type);
+
+torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& norms,
+                            const std::vector<torch::Tensor>& weights,
+                            const std::vector<int64_t>& types, torch::Tensor k_cache,
+                            torch::Tensor v_cache, torch::Tensor rows, torch::Tensor write_slot,
+                            torch::Tensor mask, torch::Tensor rope, int64_t n_heads, double eps);

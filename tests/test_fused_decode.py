@@ -1,0 +1,73 @@
+"""The one-call C++ decode step (fused_decode.py, csrc/decode.cpp) against the Python layers,
+which test_model_parity.py holds to transformers: same logits, same greedy tokens, through
+batches of unequal rows, non-contiguous cache rows and the rolling buffer's wrap-around."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import mistral7b
+from mistral7b.cache import RollingCache
+from mistral7b.generate import decode_step, prefill
+from mistral7b.model import Transformer
+from mistral7b.quant import kernels
+from tests.conftest import WINDOW
+
+pytestmark = pytest.mark.skipif(kernels.extension() is None,
+                                reason="the compiled kernels are not available here")
+
+
+def decode_both(model: Transformer, prompts: list[list[int]], rows: list[int], n_rows: int,
+                steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of `steps` greedy decode steps, (steps, B, vocab), from the Python layers and from
+    the fused step; both follow the Python path's tokens so that they see the same inputs."""
+    caches = {fused: RollingCache(model.config, rows=n_rows) for fused in (False, True)}
+    for cache in caches.values():
+        prefill(model, cache, rows, prompts, chunk_size=7)
+    tokens = [p[-1] for p in prompts]
+    out: dict[bool, list[torch.Tensor]] = {False: [], True: []}
+    for _ in range(steps):
+        for fused in (False, True):
+            model.fused_decode = fused
+            out[fused].append(decode_step(model, caches[fused], rows, tokens))
+        tokens = out[False][-1].argmax(-1).tolist()
+    model.fused_decode = True
+    return torch.stack(out[False]), torch.stack(out[True])
+
+
+@pytest.fixture(scope="module")
+def tiny_q8(mistral_dir: Path) -> Transformer:
+    model = mistral7b.load(mistral_dir, quantize="q8_0").model
+    assert model._fused_decode_plan() is not None
+    return model
+
+
+def test_fused_step_matches_python_layers_past_the_window(tiny_q8: Transformer) -> None:
+    # Prompts shorter than, equal to and longer than the window, then 3 windows of decoding.
+    prompts = [[5, 9, 2], list(range(1, 1 + WINDOW)), [(7 * i) % 120 for i in range(35)]]
+    slow, fast = decode_both(tiny_q8, prompts, rows=[0, 1, 2], n_rows=3, steps=3 * WINDOW)
+    assert (slow - fast).abs().max().item() < 2e-4
+    assert torch.equal(slow.argmax(-1), fast.argmax(-1))
+
+
+def test_fused_step_on_non_contiguous_cache_rows(tiny_q8: Transformer) -> None:
+    prompts = [[3, 1, 4, 1, 5], [2, 7, 1, 8, 2, 8, 1, 8]]
+    slow, fast = decode_both(tiny_q8, prompts, rows=[3, 1], n_rows=4, steps=20)
+    assert (slow - fast).abs().max().item() < 2e-4
+
+
+def test_fused_step_is_not_used_for_float_weights(mistral_dir: Path) -> None:
+    model = mistral7b.load(mistral_dir).model
+    assert model._fused_decode_plan() is None
+
+
+def test_default_model_fused_step_matches_python_layers() -> None:
+    llm = mistral7b.load()
+    ids = llm.tokenizer.encode("The sliding window attention of Mistral 7B is")
+    slow, fast = decode_both(llm.model, [ids], rows=[0], n_rows=1, steps=32)
+    # Logits are ~20 in size; the two paths differ in summation order only (relative 2e-4).
+    assert (slow - fast).abs().max().item() < 0.02
+    assert torch.equal(slow.argmax(-1), fast.argmax(-1))
