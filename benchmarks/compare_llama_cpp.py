@@ -1,14 +1,17 @@
 """mistral7b against llama.cpp (through llama-cpp-python) on the same GGUF, interleaved.
 
     .venv/bin/python benchmarks/compare_llama_cpp.py [--model FILE.gguf] \
-        [--llama-python /path/to/python-with-llama_cpp] [-p 128] [-n 128] [-r 3] [-t 2]
+        [--llama-python /path/to/python-with-llama_cpp] [-p 128] [-n 128] [-r 3] [-t 2] \
+        [--bf16-prefill]
 
 llama-cpp-python is optional (it compiles llama.cpp, minutes): install it in any environment
 and point --llama-python at that interpreter (default: this one). Each repetition runs our
 pre-fill, llama.cpp's pre-fill, our decode, llama.cpp's decode, so both see the same machine
 state; the table gives medians and the ratio ours / llama.cpp. Both sides are timed from
-Python, model only (no sampling), with the same random token ids. Batched multi-stream decode is
-not compared: llama-cpp-python's high-level API runs one sequence.
+Python, model only (no sampling), with the same random token ids. --bf16-prefill adds a row for
+our opt-in bfloat16 pre-fill (`--prefill-dtype bfloat16`), timed in the same interleaving.
+Batched multi-stream decode is not compared: llama-cpp-python's high-level API runs one
+sequence.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ def main() -> None:
     parser.add_argument("-n", "--n-gen", type=int, default=128)
     parser.add_argument("-r", "--repetitions", type=int, default=3)
     parser.add_argument("-t", "--threads", type=int, default=2)
+    parser.add_argument("--bf16-prefill", action="store_true",
+                        help="also time our pre-fill with bfloat16 matmuls")
     args = parser.parse_args()
 
     path = args.model or default_model_path()
@@ -81,24 +86,32 @@ def main() -> None:
                              f"{args.llama_python}?)")
         return float(json.loads(line))
 
-    runs: dict[str, list[float]] = {k: [] for k in ("ours pp", "llama pp", "ours tg", "llama tg")}
+    runs: dict[str, list[float]] = {k: [] for k in ("ours pp", "llama pp", "ours tg", "llama tg",
+                                                     "ours pp-bf16")}
     theirs("pp"), theirs("tg")                                  # warm-up both sides
     time_prefill(ours, args.n_prompt, 0), time_decode(ours, 8, 0, 1)
     for _ in range(args.repetitions):
         runs["ours pp"].append(time_prefill(ours, args.n_prompt, 0))
+        if args.bf16_prefill:
+            ours.model.set_prefill_dtype(torch.bfloat16)
+            runs["ours pp-bf16"].append(time_prefill(ours, args.n_prompt, 0))
+            ours.model.set_prefill_dtype(torch.float32)
         runs["llama pp"].append(theirs("pp"))
         runs["ours tg"].append(time_decode(ours, args.n_gen, 0, 1))
         runs["llama tg"].append(theirs("tg"))
     llama.stdin.close()
     llama.wait(timeout=60)
 
-    med = {k: statistics.median(v) for k, v in runs.items()}
+    med = {k: statistics.median(v) for k, v in runs.items() if v}
     print(f"{path.name}, {args.threads} threads, {args.repetitions} interleaved repetitions "
           "(median tokens/s)\n")
     print("| test | mistral7b | llama.cpp | ratio |\n|---|---:|---:|---:|")
-    for test, n in (("pp", args.n_prompt), ("tg", args.n_gen)):
-        print(f"| {test}{n} | {med['ours ' + test]:.1f} | {med['llama ' + test]:.1f} | "
-              f"{med['ours ' + test] / med['llama ' + test]:.2f}x |")
+    rows = [("pp", "pp", f"pp{args.n_prompt}"), ("tg", "tg", f"tg{args.n_gen}")]
+    if args.bf16_prefill:
+        rows.insert(1, ("pp-bf16", "pp", f"pp{args.n_prompt} (ours: --prefill-dtype bfloat16)"))
+    for ours_key, llama_key, name in rows:
+        mine, other = med["ours " + ours_key], med["llama " + llama_key]
+        print(f"| {name} | {mine:.1f} | {other:.1f} | {mine / other:.2f}x |")
 
 
 if __name__ == "__main__":

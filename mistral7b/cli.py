@@ -36,6 +36,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sliding-window", type=int, default=None, metavar="N",
                    help="override the attention window (0 = full attention; default: the "
                         "checkpoint's, 4096 for Mistral 7B v0.1 GGUFs)")
+    p.add_argument("--prefill-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="matmul dtype of quantized weights during pre-fill; bfloat16 is ~2.5x "
+                        "faster on CPUs with AVX512-BF16/AMX but less exact (default: float32)")
 
 
 def _load(args: argparse.Namespace, progress: bool = True) -> LLM:
@@ -43,7 +46,8 @@ def _load(args: argparse.Namespace, progress: bool = True) -> LLM:
 
     return mistral7b.load(args.model, dtype=args.dtype, device=args.device, progress=progress,
                           sliding_window=args.sliding_window,
-                          dequantize=getattr(args, "dequantize", False), quantize=args.quantize)
+                          dequantize=getattr(args, "dequantize", False), quantize=args.quantize,
+                          prefill_dtype=args.prefill_dtype)
 
 
 def torch_set_threads(n: int) -> None:

@@ -106,8 +106,9 @@ def all_logits(model: Transformer, prompt: Sequence[int], chunk_size: int,
     return torch.cat(out)
 
 
-class _Sequence:
-    """Book-keeping of one generated sequence."""
+class SequenceState:
+    """Book-keeping of one generated sequence: its sampler, its streaming detokenizer and its
+    stop conditions (used by stream_batch and by the serving engine)."""
 
     def __init__(self, prompt: Sequence[int], params: SamplingParams,
                  decode: Callable[[list[int]], str], eos_ids: frozenset[int]) -> None:
@@ -150,7 +151,7 @@ def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]],
         check_prompt(model.config, prompt, p.max_tokens)
     cache = RollingCache(model.config, rows=len(prompts), dtype=dtype,
                          device=model.device)
-    seqs = [_Sequence(prompt, p, decode, eos_ids) for prompt, p in zip(prompts, params,
+    seqs = [SequenceState(prompt, p, decode, eos_ids) for prompt, p in zip(prompts, params,
                                                                       strict=True)]
     rows = list(range(len(prompts)))
     logits = prefill(model, cache, rows, prompts, chunk_size)

@@ -10,6 +10,7 @@ import torch
 
 from mistral7b.config import ModelConfig
 from mistral7b.default_model import default_model_path
+from mistral7b.errors import InvalidArgumentError
 from mistral7b.generate import (
     GenerationResult,
     StreamPiece,
@@ -134,7 +135,7 @@ def _no_text(ids: list[int]) -> str:
 def load(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
          device: str | torch.device = "cpu", progress: bool = True,
          sliding_window: int | None = None, dequantize: bool = False,
-         quantize: str | None = None) -> LLM:
+         quantize: str | None = None, prefill_dtype: str | torch.dtype = "float32") -> LLM:
     """Load a Mistral-family model: a .gguf file, a Mistral native or a Hugging Face directory;
     without a path, the embedded default model (SmolLM2-135M-Instruct).
 
@@ -143,9 +144,16 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
     Quantized GGUF weights stay packed in memory (Q8_0/Q4_0/Q4_1 run on AVX2 kernels) unless
     dequantize=True, which expands them to `dtype` at load. quantize="q8_0" | "q4_0" | "q4_1"
     packs the float weights of a native or Hugging Face checkpoint at load.
+    prefill_dtype="bfloat16" runs the pre-fill matmuls of packed weights in bfloat16: ~2.5x
+    faster pre-fill on CPUs with AVX512-BF16 or AMX, but logits move by ~0.5 (see README).
     """
     torch_dtype = parse_dtype(dtype)
     resolved = Path(path) if path is not None else default_model_path()
+    fill_dtype = parse_dtype(prefill_dtype)
+    if fill_dtype not in (torch.float32, torch.bfloat16):
+        raise InvalidArgumentError(f"prefill_dtype must be float32 or bfloat16 (got "
+                                   f"{prefill_dtype!r})")
     _, model, tokenizer = load_checkpoint(resolved, torch_dtype, device, progress, sliding_window,
                                         dequantize, quantize)
+    model.set_prefill_dtype(fill_dtype)
     return LLM(model, tokenizer, torch_dtype, resolved)

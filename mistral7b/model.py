@@ -177,6 +177,16 @@ class Transformer(nn.Module):
             layer.feed_forward.fuse()
         self._decode_weights_known = False
 
+    def set_prefill_dtype(self, dtype: torch.dtype) -> None:
+        """The matmul dtype of packed (quantized) layers for many-token pre-fill chunks:
+        float32 (default) or bfloat16, ~2.5x faster on CPUs with AVX512-BF16/AMX but moves
+        logits by ~0.5 (of ~40) on the default model. Decode is not affected."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"prefill dtype must be float32 or bfloat16, not {dtype}")
+        for module in self.modules():
+            if isinstance(module, QuantLinear):
+                module.prefill_dtype = dtype
+
     @property
     def device(self) -> torch.device:
         return self.norm.weight.device

@@ -12,6 +12,7 @@ from gguf.quants import quantize as gguf_quantize
 
 import mistral7b
 from mistral7b.default_model import default_model_path
+from mistral7b.errors import InvalidArgumentError
 from mistral7b.quant import kernels
 from mistral7b.quant.formats import FORMATS as FORMATS_BY_NAME
 from mistral7b.quant.modules import QuantEmbedding, QuantLinear
@@ -117,6 +118,23 @@ def test_k_blocks_at_the_integer_limits(path: str, fmt: str) -> None:
     assert torch.equal(kernels.dequantize_rows(torch.from_numpy(raw), fmt), weight)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_row_gets_the_same_bits_whatever_the_batch(fmt: str) -> None:
+    """A sequence's numbers must not depend on which others share its batch: the server's
+    16 concurrent greedy clients must each get exactly the text they get alone."""
+    ext = kernels.extension()
+    if ext is None:
+        pytest.skip("the AVX2 extension is not available on this machine")
+    raw, _ = packed_weight(fmt, 37, 512)
+    x = torch.randn(16, 512, generator=torch.Generator().manual_seed(3))
+    ggml = FORMATS_BY_NAME[fmt].ggml_type
+    together = ext.qmatmul(x, raw, ggml)
+    for rows in (range(16), range(1, 6), range(3, 16)):            # 4-row tiles and leftovers
+        alone = torch.cat([ext.qmatmul(x[i:i + 1], raw, ggml) for i in rows])
+        assert torch.equal(ext.qmatmul(x[list(rows)], raw, ggml), alone)
+        assert torch.equal(together[list(rows)], alone)
+
+
 def test_kernels_reject_shapes_that_are_not_whole_blocks() -> None:
     ext = kernels.extension()
     if ext is None:
@@ -166,3 +184,26 @@ def test_default_model_packed_equals_float_path(both, prompt: str) -> None:
     kwargs = dict(max_tokens=24, temperature=0, ignore_eos=True)
     assert packed.generate(prompt, **kwargs).token_ids == dequantized.generate(prompt,
                                                                               **kwargs).token_ids
+
+
+def test_bfloat16_prefill_stays_close_to_the_float_path(both) -> None:
+    packed, dequantized = both
+    prompt = "Mistral 7B uses grouped-query attention and a sliding window of 4096 tokens. " * 5
+    ids = packed.tokenizer.encode(prompt)
+    assert len(ids) > kernels.INT8_MAX_ROWS            # pre-fill takes the BLAS matmul
+    reference = dequantized.logits(ids)
+    kwargs = dict(max_tokens=16, temperature=0, ignore_eos=True)
+    packed.model.set_prefill_dtype(torch.bfloat16)
+    try:
+        # Measured 0.4-0.8 on logits of ~40 (bfloat16 keeps 8 bits of mantissa); float32: 0.01.
+        assert (packed.logits(ids) - reference).abs().max().item() < 1.5
+        assert (packed.generate(prompt, **kwargs).token_ids
+                == dequantized.generate(prompt, **kwargs).token_ids)
+    finally:
+        packed.model.set_prefill_dtype(torch.float32)
+    assert (packed.logits(ids) - reference).abs().max().item() < 0.05
+
+
+def test_prefill_dtype_must_be_float32_or_bfloat16() -> None:
+    with pytest.raises(InvalidArgumentError, match="prefill_dtype"):
+        mistral7b.load(prefill_dtype="float16")

@@ -15,10 +15,13 @@ from mistral7b.quant.formats import FORMATS
 
 class QuantLinear(nn.Module):
     weight: torch.Tensor
+
     def __init__(self, in_features: int, out_features: int, fmt: str,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        # dtype of the pre-fill matmul (many rows): float32, or bfloat16 (faster, less exact)
+        self.prefill_dtype = torch.float32
         row_bytes = FORMATS[fmt].row_bytes(in_features)
         self.register_buffer("weight", torch.empty(out_features, row_bytes, dtype=torch.uint8,
                                                    device=device))
@@ -26,7 +29,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         y = kernels.linear(flat if flat.dtype == torch.float32 else flat.float(), self.weight,
-                           self.fmt)
+                           self.fmt, self.prefill_dtype)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 

@@ -321,46 +321,21 @@ inline void dequantize_k_block(const uint8_t* blk, float* out) {
 
 // ---- rows ----------------------------------------------------------------------------------
 
-// Dot product of one weight row (n_blocks blocks) with one quantized activation row.
-// Templated on the format so each loop is branch-free; two accumulators hide the FMA latency.
-template <int64_t TYPE, class X>
-inline float dot_row(const uint8_t* row, const X* x, int64_t n_blocks) {
+// Dot product of one weight row (n_blocks blocks) with one quantized activation row, for the
+// K-quants (the 32-value formats use dot_rows below, with MT = 1 for a single row). Templated on
+// the format so each loop is branch-free; two accumulators hide the FMA latency.
+template <int64_t TYPE>
+inline float dot_row(const uint8_t* row, const XSuper* x, int64_t n_blocks) {
   constexpr int64_t BB = kBlockBytes<TYPE>;
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  if constexpr (std::is_same_v<X, XSuper>) {
-    __m256 sub = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n_blocks; b++) dot_k_block<TYPE>(row + b * BB, x[b], acc0, acc1, sub);
-    return hsum(_mm256_sub_ps(_mm256_add_ps(acc0, acc1), sub));
-  } else {
-    float extra = 0.f;
-    for (int64_t b = 0; b < n_blocks; b++) {
-      const uint8_t* blk = row + b * BB;
-      const XBlock& xb = x[b];
-      const float d = half_to_float(blk);
-      __m256i lo, hi;
-      if constexpr (TYPE == Q8_0) {
-        lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
-        hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)));
-      } else if constexpr (TYPE == Q4_0) {
-        unpack_nibbles(blk + 2, lo, hi);
-        extra -= 8.f * d * xb.s;  // the "- 8" of every weight, times sum(x)
-      } else {
-        unpack_nibbles(blk + 4, lo, hi);
-        extra += half_to_float(blk + 2) * xb.s;  // the "+ m" of every weight, times sum(x)
-      }
-      const __m256 p = dot_i16(lo, hi, xb.q);
-      if (b & 1) {
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc1);
-      } else {
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc0);
-      }
-    }
-    return hsum(_mm256_add_ps(acc0, acc1)) + extra;
-  }
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), sub = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n_blocks; b++) dot_k_block<TYPE>(row + b * BB, x[b], acc0, acc1, sub);
+  return hsum(_mm256_sub_ps(_mm256_add_ps(acc0, acc1), sub));
 }
 
-// The same dot product for MT activation rows at once (32-value formats): each weight block is
-// unpacked once and used MT times, which is what batched decoding needs.
+// Dot products of one weight row with MT activation rows at once (32-value formats): each weight
+// block is unpacked once and used MT times, which is what batched decoding needs. Every row is
+// accumulated in the same order whatever MT is, so a sequence's numbers do not depend on which
+// other sequences share its batch (the server's batching changes no output).
 template <int64_t TYPE, int MT>
 inline void dot_rows(const uint8_t* row, const XBlock* x, int64_t n_blocks, float* out) {
   constexpr int64_t BB = kBlockBytes<TYPE>;
@@ -399,15 +374,20 @@ void rows_kernel(const uint8_t* w, int64_t row_bytes, int64_t n_blocks, const X*
                  float* y, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n++) {
     const uint8_t* row = w + n * row_bytes;
-    int64_t m = 0;
     if constexpr (std::is_same_v<X, XBlock>) {
       float out[4];
+      int64_t m = 0;
       for (; m + 4 <= M; m += 4) {
         dot_rows<TYPE, 4>(row, xq + m * n_blocks, n_blocks, out);
         for (int t = 0; t < 4; t++) y[(m + t) * N + n] = out[t];
       }
+      for (; m < M; m++) {
+        dot_rows<TYPE, 1>(row, xq + m * n_blocks, n_blocks, out);
+        y[m * N + n] = out[0];
+      }
+    } else {
+      for (int64_t m = 0; m < M; m++) y[m * N + n] = dot_row<TYPE>(row, xq + m * n_blocks, n_blocks);
     }
-    for (; m < M; m++) y[m * N + n] = dot_row<TYPE>(row, xq + m * n_blocks, n_blocks);
   }
 }
 
