@@ -268,6 +268,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mistral7b.default_model import default_model_path
+    from mistral7b.server.serve import ServeOptions, serve
+
+    if args.model is not None and not Path(args.model).exists():
+        raise InvalidArgumentError(f"--model {args.model}: no such file or directory")
+    name = args.model_name or (Path(args.model).name if args.model
+                               else default_model_path().name)
+    options = ServeOptions(host=args.host, port=args.port, api_key=args.api_key,
+                           max_batch=args.max_batch, max_queue=args.max_queue,
+                           prefill_chunk=args.prefill_chunk, drain_timeout=args.drain_timeout)
+    return serve(lambda: _load(args, progress=False), name, options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mistral7b", description="Run Mistral-family models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -316,6 +330,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", default=None, metavar="PNG",
                        help="with --long: also draw the table as a PNG (needs matplotlib)")
     bench.set_defaults(func=cmd_bench)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous "
+                                         "batching")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on "
+                       "(default: 127.0.0.1; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    serve.add_argument("--api-key", default=None,
+                       help="require `Authorization: Bearer KEY` on /v1/*, /tokenize and "
+                            "/detokenize (default: none)")
+    serve.add_argument("--model-name", default=None,
+                       help="model id reported by /v1/models (default: the file or folder name)")
+    serve.add_argument("--max-batch", type=int, default=16,
+                       help="sequences generated at once; each holds one cache row (default: 16)")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="requests waiting for a free row before 429 (default: 256)")
+    serve.add_argument("--prefill-chunk", type=int, default=256,
+                       help="prompt tokens pre-filled per engine step, between decode steps of "
+                            "the running streams (default: 256)")
+    serve.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="on SIGTERM, seconds to let running requests finish (default: 30)")
+    serve.set_defaults(func=cmd_serve)
 
     info = sub.add_parser("info", help="describe a model: architecture, window, size, tokenizer")
     _add_model_args(info)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mistral_common
@@ -17,6 +19,16 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 WINDOW = 16
 MISTRAL_V1_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def make_hf_mistral(window: int | None = WINDOW, vocab: int = 128, seed: int = 0,

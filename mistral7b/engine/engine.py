@@ -1,0 +1,291 @@
+"""Continuous batching: many requests share one model and join or leave it between steps.
+
+    submit() -> waiting (FIFO, at most max_queue) -> a free cache row -> pre-fill, in chunks
+                                                                      -> decode, a token a step
+                                                                      -> done: the row is free
+
+One engine thread runs the loop; each iteration
+
+  1. drops cancelled requests (their rows are free at once),
+  2. gives free rows to waiting requests, oldest first,
+  3. runs one pre-fill chunk (at most `prefill_chunk` tokens) of the oldest request that is
+     still pre-filling,
+  4. runs one decode step for every request that is generating,
+
+so a long prompt costs the running streams one chunk's time per token, never the whole prompt.
+
+Each request owns one row of a single RollingCache of `max_batch` rows (the bounded pool). A
+row handed to a new request is reset: the cache masks every slot the new sequence has not
+written, so nothing of the previous sequence is visible.
+
+A request's numbers do not depend on the others: its pre-fill runs alone in chunks of the same
+size whatever the load, and the decode kernels compute each row of a batch in the same order
+(tests/test_quant.py checks that bit for bit), so batching changes no output.
+
+Outputs go to the callback given at submit(), called from the engine thread: one
+EngineOutput per generated piece, the last one with `finished` set (or `error` when the request
+failed). Consumers in another thread or event loop hand them over themselves.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mistral7b.cache import RollingCache
+from mistral7b.errors import Mistral7BError
+from mistral7b.generate import SequenceState, StreamPiece, check_prompt, decode_step, prefill
+from mistral7b.model import Transformer
+from mistral7b.sampling import SamplingParams
+from mistral7b.tokenizer import Tokenizer
+
+log = logging.getLogger("mistral7b")
+
+
+class QueueFullError(Mistral7BError):
+    """The waiting queue holds max_queue requests already (the server answers 429)."""
+
+
+class EngineClosedError(Mistral7BError):
+    """The engine is draining or stopped and takes no new requests (the server answers 503)."""
+
+
+@dataclass
+class EngineOutput:
+    """What one engine step adds to one request."""
+
+    request_id: str
+    piece: StreamPiece | None            # None for the final event of a failed/cancelled request
+    finished: bool = False
+    finish_reason: str | None = None     # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None             # why the request failed, when it did
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+OutputCallback = Callable[[EngineOutput], None]
+
+
+@dataclass
+class _Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    on_output: OutputCallback
+    state: SequenceState
+    row: int = -1
+    prefilled: int = 0                   # prompt tokens already in the cache
+    next_token: int | None = None        # sampled, not yet fed to the model
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class EngineStats:
+    waiting: int
+    running: int
+    free_rows: int
+
+
+class Engine:
+    """Serves generation requests from a background thread with continuous batching."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 16,
+                 max_queue: int = 256, prefill_chunk: int = 256,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.cache = RollingCache(model.config, rows=max_batch, dtype=dtype, device=model.device)
+        self._free_rows = list(range(max_batch))
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []          # rows in use, in admission order
+        self._by_id: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Condition()
+        self._accepting = True
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---- public API (any thread) --------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="mistral7b-engine",
+                                            daemon=True)
+            self._thread.start()
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams,
+               on_output: OutputCallback) -> str:
+        """Queue a request; returns its id. Raises InvalidArgumentError / ContextLengthError for
+        a prompt the model cannot run, QueueFullError, or EngineClosedError."""
+        ids = [int(t) for t in prompt]
+        check_prompt(self.model.config, ids, params.max_tokens)
+        state = SequenceState(ids, params, self.tokenizer.decode, self.tokenizer.eos_ids)
+        with self._lock:
+            if not self._accepting:
+                raise EngineClosedError("the server is shutting down and takes no new requests")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); "
+                                     "retry later")
+            request = _Request(f"req-{next(self._ids)}", ids, params, on_output, state)
+            self._waiting.append(request)
+            self._by_id[request.id] = request
+            self._lock.notify()
+        return request.id
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request (e.g. its client went away); its row is freed at the next step."""
+        with self._lock:
+            request = self._by_id.get(request_id)
+            if request is not None:
+                request.cancelled = True
+                self._lock.notify()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(len(self._waiting), len(self._running), len(self._free_rows))
+
+    def close(self) -> None:
+        """Take no new requests (submit raises EngineClosedError); accepted ones go on."""
+        with self._lock:
+            self._accepting = False
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stop taking requests and wait for the accepted ones to finish; True if they did."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.close()
+        with self._lock:
+            while self._waiting or self._running:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._lock.wait(left if left is None else min(left, 0.1))
+        return True
+
+    def stop(self) -> None:
+        """Cancel whatever is left and end the engine thread."""
+        with self._lock:
+            self._accepting = False
+            self._stopping = True
+            for request in [*self._waiting, *self._running]:
+                request.cancelled = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # ---- the loop (engine thread) -------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._lock.wait()
+                self._drop_cancelled()
+                if self._stopping and not self._running and not self._waiting:
+                    return
+                self._admit()
+                running = list(self._running)
+            try:
+                self._step(running)
+            except Exception:  # a bug in a step must not kill the server: fail its requests
+                log.exception("engine step failed")
+                for request in running:
+                    self._fail(request, "internal error in the engine step (see the server log)")
+            with self._lock:
+                self._lock.notify_all()            # wakes drain()
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(request)
+            self._finish(request, EngineOutput(request.id, None, True, "cancelled"))
+        for request in [r for r in self._running if r.cancelled]:
+            self._release(request)
+            self._finish(request, EngineOutput(request.id, None, True, "cancelled"))
+
+    def _admit(self) -> None:
+        while self._waiting and self._free_rows:
+            request = self._waiting.popleft()
+            request.row = self._free_rows.pop(0)
+            self.cache.reset(request.row)
+            self._running.append(request)
+
+    def _step(self, running: list[_Request]) -> None:
+        filling = [r for r in running if r.prefilled < len(r.prompt)]
+        if filling:
+            self._prefill_chunk(filling[0])
+        decoding = [r for r in running if r.next_token is not None and not r.cancelled]
+        if decoding:
+            try:
+                logits = decode_step(self.model, self.cache, [r.row for r in decoding],
+                                     [r.next_token for r in decoding if r.next_token is not None])
+            except Exception as e:
+                log.exception("decode step failed")
+                for request in decoding:
+                    self._fail(request, f"decode failed: {e}")
+                return
+            for i, request in enumerate(decoding):
+                self._emit(request, logits[i])
+
+    def _prefill_chunk(self, request: _Request) -> None:
+        chunk = request.prompt[request.prefilled:request.prefilled + self.prefill_chunk]
+        try:
+            logits = prefill(self.model, self.cache, [request.row], [chunk], len(chunk))
+        except Exception as e:
+            log.exception("pre-fill failed")
+            self._fail(request, f"pre-fill failed: {e}")
+            return
+        request.prefilled += len(chunk)
+        if request.prefilled == len(request.prompt):
+            self._emit(request, logits[0])      # the first generated token
+
+    def _emit(self, request: _Request, logits: torch.Tensor) -> None:
+        """Sample the request's next token and send what it adds."""
+        try:
+            piece = request.state.add(logits)
+        except Exception as e:  # e.g. a sampler bug on odd logits: this request alone fails
+            log.exception("sampling failed for %s", request.id)
+            self._fail(request, f"sampling failed: {e}")
+            return
+        reason = request.state.finish_reason
+        request.next_token = piece.token_ids[0] if reason is None else None
+        if reason is not None:
+            with self._lock:
+                self._release(request)
+        self._finish(request, EngineOutput(
+            request.id, piece, reason is not None, reason,
+            prompt_tokens=len(request.prompt), completion_tokens=request.state.n_generated))
+
+    def _fail(self, request: _Request, message: str) -> None:
+        with self._lock:
+            self._release(request)
+        self._finish(request, EngineOutput(request.id, None, True, "error", error=message,
+                                           prompt_tokens=len(request.prompt),
+                                           completion_tokens=request.state.n_generated))
+
+    def _release(self, request: _Request) -> None:
+        """Give the request's row back to the pool (caller holds the lock)."""
+        if request in self._running:
+            self._running.remove(request)
+            self._free_rows.append(request.row)
+            self._free_rows.sort()
+        if request in self._waiting:
+            self._waiting.remove(request)
+
+    def _finish(self, request: _Request, output: EngineOutput) -> None:
+        if output.finished:
+            with self._lock:
+                self._by_id.pop(request.id, None)
+        try:
+            request.on_output(output)
+        except Exception:  # a consumer's bug must not stop the engine
+            log.exception("output callback failed for %s", request.id)

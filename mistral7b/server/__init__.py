@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: schemas, response shapes, routes, metrics, runner."""

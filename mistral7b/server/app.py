@@ -1,0 +1,411 @@
+"""The OpenAI-compatible HTTP API: thin FastAPI routes over the engine (engine/engine.py).
+
+Routes validate the body (schemas.py), turn it into prompt tokens and SamplingParams, submit
+one engine request per choice, and relay the engine's outputs as one JSON response or as
+server-sent events. Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}:
+400 for a bad field or a prompt that does not fit, 401 without the API key, 429 when the queue
+is full, 503 while loading or draining, 500 when the engine fails a request (the server lives).
+
+A client that goes away cancels its engine requests: streams notice at their next send or
+within `disconnect_poll` seconds, whichever comes first; their cache rows are freed at the next
+engine step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from mistral7b.engine import Engine, EngineClosedError, EngineOutput, QueueFullError
+from mistral7b.errors import ContextLengthError, Mistral7BError
+from mistral7b.generate import StreamPiece
+from mistral7b.llm import LLM
+from mistral7b.sampling import SamplingParams
+from mistral7b.server import responses
+from mistral7b.server.metrics import Metrics
+from mistral7b.server.schemas import (
+    MAX_STOP,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+)
+
+log = logging.getLogger("mistral7b")
+
+Status = Literal["loading", "ok", "draining", "failed"]
+
+
+@dataclass
+class ServerState:
+    """What the routes share. `llm` and `engine` are set once the model has loaded."""
+
+    model_name: str
+    api_key: str | None = None
+    keepalive: float = 5.0               # seconds between SSE comments while nothing is sent
+    disconnect_poll: float = 0.25
+    status: Status = "loading"
+    llm: LLM | None = None
+    engine: Engine | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def attach(self, llm: LLM, engine: Engine) -> None:
+        self.llm, self.engine = llm, engine
+        self.metrics.track_engine(lambda: engine.stats().waiting,
+                                  lambda: engine.stats().running)
+        self.status = "ok"
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = (status, message, kind,
+                                                                       param, code)
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error",
+           param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(responses.error_body(message, kind, param, code), status_code=status)
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    """("body", "messages", 0, "role") -> "messages[0].role"."""
+    name = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif not str(part).startswith(("function-", "str", "list[", "int", "float", "bool",
+                                       "literal[")):
+            name += f".{part}" if name else str(part)
+    return name or "body"
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="mistral7b", docs_url=None, redoc_url=None)
+    app.state.server = state
+
+    # ---- errors ---------------------------------------------------------------------------
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        name = _field_name(tuple(first.get("loc", ())))
+        if first.get("type") == "json_invalid":
+            return _error(400, "the request body is not valid JSON", param="body")
+        return _error(400, f"{name}: {first.get('msg', 'invalid value')}", param=name)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.kind, exc.param, exc.code)
+
+    @app.exception_handler(Mistral7BError)
+    async def user_error(_: Request, exc: Mistral7BError) -> JSONResponse:
+        if isinstance(exc, QueueFullError):
+            return _error(429, str(exc), "rate_limit_error", code="queue_full")
+        if isinstance(exc, EngineClosedError):
+            return _error(503, str(exc), "service_unavailable", code="draining")
+        message = str(exc)
+        param = message.split(":", 1)[0] if ":" in message[:40] else None
+        code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else None
+        return _error(400, message, param=param, code=code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return _error(500, f"internal server error: {type(exc).__name__}: {exc}",
+                      "server_error")
+
+    # ---- middleware: API key and request counts -------------------------------------------
+
+    @app.middleware("http")
+    async def auth_and_count(request: Request, call_next: Any) -> Response:
+        path = request.url.path
+        protected = path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+        if protected and state.api_key is not None:
+            if request.headers.get("authorization", "") != f"Bearer {state.api_key}":
+                response: Response = _error(
+                    401, "missing or wrong API key: send the header `Authorization: Bearer "
+                    "<key>` with the key given to `mistral7b serve --api-key`",
+                    "authentication_error", code="invalid_api_key")
+                state.metrics.requests.labels(path, "401").inc()
+                return response
+        response = await call_next(request)
+        if path != "/metrics":
+            state.metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    # ---- status ---------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": state.status},
+                            status_code=200 if state.status == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model",
+                                            "created": 0, "owned_by": "mistral7b"}]}
+
+    # ---- tokens ---------------------------------------------------------------------------
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        llm = _ready(state)[0]
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of `prompt` and `messages`", param="prompt")
+        if body.messages is not None:
+            ids = llm.tokenizer.encode_chat([{"role": m.role, "content": m.text()}
+                                             for m in body.messages])
+        else:
+            assert body.prompt is not None
+            ids = llm.tokenizer.encode(body.prompt, bos=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": llm.config.max_seq_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        llm = _ready(state)[0]
+        bad = [t for t in body.tokens if not 0 <= t < llm.config.vocab_size]
+        if bad:
+            raise APIError(400, f"tokens: id {bad[0]} is outside the vocabulary "
+                           f"(0..{llm.config.vocab_size - 1})", param="tokens")
+        return {"prompt": llm.tokenizer.decode(body.tokens)}
+
+    # ---- generation -----------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        llm, _ = _ready(state)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        if body.safe_prompt:
+            from mistral7b.guardrails.safety import with_safety_prompt
+
+            messages = with_safety_prompt(messages)
+        prompt = llm.tokenizer.encode_chat(messages)
+        top = body.top_logprobs or 0
+        if top and not body.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
+        return await _generate(state, request, "chat", body, prompt, body.logprobs, top)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        llm, _ = _ready(state)
+        prompt = (llm.tokenizer.encode(body.prompt) if isinstance(body.prompt, str)
+                  else list(body.prompt))
+        wanted = body.logprobs is not None
+        return await _generate(state, request, "text", body, prompt, wanted, body.logprobs or 0)
+
+    return app
+
+
+def _ready(state: ServerState) -> tuple[LLM, Engine]:
+    if state.status != "ok" or state.llm is None or state.engine is None:
+        message = {"loading": "the model is still loading; retry shortly",
+                   "draining": "the server is shutting down",
+                   "failed": "the model failed to load; see the server log"}.get(
+                       state.status, "not ready")
+        raise APIError(503, message, "service_unavailable", code=state.status)
+    return state.llm, state.engine
+
+
+def sampling_params(body: SamplingFields, limit: int | None, prompt_len: int, context: int,
+                    logprobs: bool, top_logprobs: int, choice: int) -> SamplingParams:
+    """The engine's parameters for one choice. Without a token limit, generation may fill the
+    rest of the model's context."""
+    if limit is None:
+        limit = context - prompt_len
+        if limit < 1:
+            raise ContextLengthError(
+                f"prompt of {prompt_len} tokens fills the model's context length of {context} "
+                "tokens, leaving no room to generate; shorten the prompt")
+    stops = body.stop_list()
+    if len(stops) > MAX_STOP:
+        raise APIError(400, f"stop: at most {MAX_STOP} stop strings (got {len(stops)})",
+                       param="stop")
+    if any(s == "" for s in stops):
+        raise APIError(400, "stop: stop strings must not be empty", param="stop")
+    return SamplingParams(
+        max_tokens=limit, temperature=body.temperature, top_k=max(body.top_k, 0),
+        top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        seed=None if body.seed is None else body.seed + choice, stop=tuple(stops),
+        ignore_eos=body.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs)
+
+
+class _Choices:
+    """The engine requests of one HTTP request (one per choice), bridged from the engine
+    thread into this request's event loop."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, EngineOutput]] = asyncio.Queue()
+        self.ids: list[str] = []
+        self.open: set[int] = set()
+
+    def submit(self, prompt: list[int], params: list[SamplingParams]) -> None:
+        try:
+            for index, p in enumerate(params):
+                self.ids.append(self.engine.submit(prompt, p, self._callback(index)))
+                self.open.add(index)
+        except Exception:
+            self.cancel()
+            raise
+
+    def _callback(self, index: int) -> Any:
+        def on_output(out: EngineOutput) -> None:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
+        return on_output
+
+    async def next(self, timeout: float) -> tuple[int, EngineOutput] | None:
+        try:
+            index, out = await asyncio.wait_for(self.queue.get(), timeout)
+        except TimeoutError:
+            return None
+        if out.finished:
+            self.open.discard(index)
+        return index, out
+
+    def cancel(self) -> None:
+        for request_id in self.ids:
+            self.engine.cancel(request_id)
+
+
+async def _generate(state: ServerState, request: Request, kind: str, body: SamplingFields,
+                    prompt: list[int], logprobs: bool, top_logprobs: int) -> Response:
+    llm, engine = _ready(state)
+    arrived = time.monotonic()
+    limit = body.token_limit()
+    params = [sampling_params(body, limit, len(prompt), llm.config.max_seq_len, logprobs,
+                              top_logprobs, i) for i in range(body.n)]
+    choices = _Choices(engine)
+    choices.submit(prompt, params)
+    envelope = responses.Envelope(kind, body.model or state.model_name)
+
+    def token_text(token_id: int) -> str:
+        return llm.tokenizer.decode([token_id])
+
+    if body.stream:
+        return StreamingResponse(
+            _stream(state, request, choices, envelope, body, len(prompt), logprobs,
+                    token_text, arrived),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    pieces: dict[int, list[StreamPiece]] = {i: [] for i in range(body.n)}
+    finals: dict[int, EngineOutput] = {}
+    first_token: float | None = None
+    last_check = time.monotonic()
+    try:
+        while choices.open:
+            item = await choices.next(state.disconnect_poll)
+            if time.monotonic() - last_check >= state.disconnect_poll:
+                last_check = time.monotonic()
+                if await request.is_disconnected():
+                    choices.cancel()
+                    return Response(status_code=499)   # nobody reads it; nginx's "client gone"
+            if item is None:
+                continue
+            index, out = item
+            if out.piece is not None:
+                first_token = first_token or time.monotonic()
+                pieces[index].append(out.piece)
+            if out.finished:
+                finals[index] = out
+    except asyncio.CancelledError:
+        choices.cancel()
+        raise
+    failed = [o for o in finals.values() if o.finish_reason == "error"]
+    if failed:
+        raise APIError(500, f"generation failed: {failed[0].error}", "server_error")
+    completion_tokens = sum(o.completion_tokens for o in finals.values())
+    state.metrics.observe_request(arrived, first_token, time.monotonic(), len(prompt),
+                                  completion_tokens)
+    out_choices = []
+    for i in range(body.n):
+        text = "".join(p.text for p in pieces[i])
+        lp: dict[str, Any] | None = None
+        if logprobs:
+            lp = (responses.chat_logprobs(pieces[i], token_text) if kind == "chat"
+                  else responses.completion_logprobs(pieces[i], token_text))
+        if kind == "text" and getattr(body, "echo", False):
+            text = llm.tokenizer.decode(prompt) + text
+        out_choices.append(envelope.choice(i, text, finals[i].finish_reason, lp))
+    return JSONResponse(envelope.response(out_choices,
+                                          responses.usage(len(prompt), completion_tokens)))
+
+
+def _sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def _stream(state: ServerState, request: Request, choices: _Choices,
+                  envelope: responses.Envelope, body: SamplingFields, prompt_tokens: int,
+                  logprobs: bool, token_text: responses.TokenText, arrived: float
+                  ) -> AsyncIterator[str]:
+    completion_tokens = 0
+    first_token: float | None = None
+    last_sent = time.monotonic()
+    offsets = dict.fromkeys(range(body.n), 0)
+    try:
+        if envelope.kind == "chat":
+            yield _sse(envelope.chunk([envelope.choice(i, "", None, None, delta=True, role=True)
+                                       for i in range(body.n)]))
+        last_check = time.monotonic()
+        while choices.open:
+            item = await choices.next(state.disconnect_poll)
+            now = time.monotonic()
+            if now - last_check >= state.disconnect_poll:
+                # Checked even while tokens flow: a server may drop sends to a gone client
+                # silently, and the stream would otherwise run to max_tokens.
+                last_check = now
+                if await request.is_disconnected():
+                    return
+            if item is None:
+                if now - last_sent >= state.keepalive:
+                    yield ": keep-alive\n\n"            # an SSE comment: clients ignore it
+                    last_sent = now
+                continue
+            index, out = item
+            if out.finish_reason == "error":
+                yield _sse(responses.error_body(f"generation failed: {out.error}",
+                                                "server_error"))
+                break
+            if out.finished:
+                completion_tokens += out.completion_tokens
+            piece = out.piece
+            if piece is None:
+                continue
+            first_token = first_token or time.monotonic()
+            lp: dict[str, Any] | None = None
+            if logprobs and piece.token_ids:
+                lp = (responses.chat_logprobs([piece], token_text) if envelope.kind == "chat"
+                      else responses.completion_logprobs([piece], token_text, offsets[index]))
+            offsets[index] += len(piece.text)
+            if piece.text or lp or out.finished:
+                yield _sse(envelope.chunk([envelope.choice(index, piece.text, out.finish_reason,
+                                                           lp, delta=True)]))
+                last_sent = time.monotonic()
+        else:
+            state.metrics.observe_request(arrived, first_token, time.monotonic(), prompt_tokens,
+                                          completion_tokens)
+            if body.include_usage():
+                yield _sse(envelope.chunk([], responses.usage(prompt_tokens, completion_tokens)))
+        yield _sse("[DONE]")
+    finally:
+        if choices.open:           # the client left (or the stream broke): stop generating
+            choices.cancel()
