@@ -21,7 +21,8 @@ from tests.gguf_writer import random_k_blocks
 FORMATS = ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"]
 # (rows of x, out features, in features): odd output counts, several block counts, batch 1,
 # small batches, and past the integer kernel's row limit (the dequantize + BLAS path).
-SHAPES = [(1, 7, 256), (1, 33, 512), (3, 65, 256), (16, 129, 768), (17, 31, 256), (40, 5, 512)]
+SHAPES = [(1, 7, 256), (1, 33, 512), (3, 65, 256), (16, 129, 768), (17, 31, 256), (48, 9, 512),
+          (49, 31, 256), (70, 5, 512)]
 
 
 def packed_weight(fmt: str, rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor,
