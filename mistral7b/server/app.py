@@ -204,6 +204,9 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         llm, _ = _ready(state)
+        if body.safe_prompt:
+            raise APIError(400, "safe_prompt: only for /v1/chat/completions (a plain completion "
+                           "has no system prompt)", param="safe_prompt")
         prompt = (llm.tokenizer.encode(body.prompt) if isinstance(body.prompt, str)
                   else list(body.prompt))
         wanted = body.logprobs is not None
