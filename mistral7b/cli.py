@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mistral7b.errors import ContextLengthError, InvalidArgumentError, Mistral7BError
 
@@ -61,6 +61,18 @@ def torch_threads() -> int:
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
         os.cpu_count() or 1)
+
+
+def _add_safety_args(p: argparse.ArgumentParser, moderation: bool = True) -> None:
+    g = p.add_argument_group("guardrails (paper section 5)")
+    g.add_argument("--safe-prompt", action="store_true",
+                   help="put the paper's guardrail prompt in front (as the system prompt of a "
+                        "chat, before the text of a completion)")
+    if moderation:
+        g.add_argument("--moderate", choices=["input", "output", "both"], default=None,
+                       help="self-reflection moderation: classify the user's message, the "
+                            "answer (shown only once judged whole), or both, and refuse "
+                            "flagged ones")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -127,7 +139,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     llm = _load(args)
     sys.stdout.write(prompt if args.echo else "")
     _, interrupted = _stream_to_stdout(
-        llm.stream_generate(prompt, params, chunk_size=args.chunk_size), args.stats)
+        llm.stream_generate(prompt, params, chunk_size=args.chunk_size,
+                            safe_prompt=args.safe_prompt), args.stats)
     return 130 if interrupted else 0
 
 
@@ -137,15 +150,22 @@ CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT (set the s
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from mistral7b.generate import check_prompt
+    from mistral7b.guardrails.moderation import refusal_message
+    from mistral7b.guardrails.safety import with_safety_prompt
 
     params = _sampling_params(args)
     llm = _load(args)
     system = args.system
     history: list[dict[str, str]] = []
 
+    check_input = args.moderate in ("input", "both")
+    check_output = args.moderate in ("output", "both")
+
     def answer(user: str) -> bool:
         messages = ([{"role": "system", "content": system}] if system else []) + history
         messages.append({"role": "user", "content": user})
+        if args.safe_prompt:
+            messages = with_safety_prompt(messages)
         prompt = llm.tokenizer.encode_chat(messages)
         try:
             check_prompt(llm.config, prompt, params.max_tokens)
@@ -153,8 +173,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"mistral7b: the conversation no longer fits: {e}. Use /reset to start over.",
                   file=sys.stderr)
             return False
-        text, _ = _stream_to_stdout(
-            llm.stream_generate(prompt, params, chunk_size=args.chunk_size), args.stats)
+        verdict = llm.moderate(user, "user") if check_input else None
+        if verdict is not None and verdict.flagged:
+            text = refusal_message(verdict)
+            print(text)
+        elif check_output:   # the answer is judged whole before it is shown
+            text = llm.generate(prompt, params, chunk_size=args.chunk_size).text
+            verdict = llm.moderate(text, "assistant") if text.strip() else None
+            if verdict is not None and verdict.flagged:
+                text = refusal_message(verdict)
+            print(text)
+        else:
+            text, _ = _stream_to_stdout(
+                llm.stream_generate(prompt, params, chunk_size=args.chunk_size), args.stats)
         history.extend([{"role": "user", "content": user}, {"role": "assistant", "content": text}])
         return True
 
@@ -268,6 +299,69 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_moderate(args: argparse.Namespace) -> int:
+    from mistral7b.guardrails import evaluation
+    from mistral7b.guardrails.moderation import moderate
+
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise InvalidArgumentError(f"--threshold must be in [0, 1] (got {args.threshold})")
+    if args.eval:
+        if args.text or args.file:
+            raise InvalidArgumentError("--eval runs on the evaluation set: give no TEXT or --file")
+        items = evaluation.load_eval_set(Path(args.eval_file) if args.eval_file else None)
+        if args.limit is not None:
+            items = _balanced_sample(items, args.limit)
+        llm = _load(args, progress=False)
+
+        def progress(done: int, total: int) -> None:
+            print(f"\r  {done}/{total}", end="", file=sys.stderr, flush=True)
+
+        print(f"moderating {len(items)} prompts...", file=sys.stderr)
+        report, _ = evaluation.evaluate(llm, items, args.threshold, progress)
+        print(file=sys.stderr)
+        if args.answers:
+            bad = [i for i in items if i.label != "acceptable"]
+            print(f"answering the {len(bad)} unacceptable prompts without and with the safety "
+                  "prompt, then moderating the answers...", file=sys.stderr)
+            report.refusal = evaluation.refusal_rates(llm, bad, args.max_tokens, args.threshold,
+                                                      progress=progress)
+            report.answers_judged = len(bad)
+            print(file=sys.stderr)
+        if args.plot:
+            name = llm.path.name if llm.path else "model"
+            evaluation.plot_sweep(report, Path(args.plot), f"self-moderation, {name}, "
+                                                           f"{report.n} prompts")
+        print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+        return 0
+    texts = list(args.text)
+    if args.file:
+        if args.file == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            path = Path(args.file)
+            if not path.is_file():
+                raise InvalidArgumentError(f"--file {args.file}: no such file")
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        texts += [line for line in lines if line.strip()]
+    if not texts:
+        raise InvalidArgumentError("nothing to moderate: give TEXT, --file FILE (one text per "
+                                   "line, - for stdin) or --eval")
+    llm = _load(args, progress=False)
+    for result in moderate(llm, texts, args.role, args.threshold):
+        print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
+    return 0
+
+
+def _balanced_sample(items: list[Any], limit: int) -> list[Any]:
+    """The first `limit` items, alternating acceptable and unacceptable ones."""
+    if limit < 1:
+        raise InvalidArgumentError(f"--limit must be >= 1 (got {limit})")
+    ok = [i for i in items if i.label == "acceptable"]
+    bad = [i for i in items if i.label != "acceptable"]
+    mixed = [x for pair in zip(ok, bad, strict=False) for x in pair]
+    return mixed[:limit]
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from mistral7b.default_model import default_model_path
     from mistral7b.server.serve import ServeOptions, serve
@@ -278,7 +372,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                else default_model_path().name)
     options = ServeOptions(host=args.host, port=args.port, api_key=args.api_key,
                            max_batch=args.max_batch, max_queue=args.max_queue,
-                           prefill_chunk=args.prefill_chunk, drain_timeout=args.drain_timeout)
+                           prefill_chunk=args.prefill_chunk, drain_timeout=args.drain_timeout,
+                           safe_prompt=args.safe_prompt, moderate=args.moderate)
     return serve(lambda: _load(args, progress=False), name, options)
 
 
@@ -291,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", "-p", default=None, help="prompt text (default: read stdin)")
     gen.add_argument("--echo", action="store_true", help="print the prompt before the answer")
     gen.add_argument("--stats", action="store_true", help="print timing to stderr")
+    _add_safety_args(gen, moderation=False)
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -301,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="answer this one message and exit (non-interactive)")
     chat.add_argument("--system", "-s", default=None, help="system prompt")
     chat.add_argument("--stats", action="store_true", help="print timing to stderr")
+    _add_safety_args(chat)
     _add_sampling_args(chat, max_tokens=512)
     chat.set_defaults(func=cmd_chat)
 
@@ -351,7 +448,35 @@ def build_parser() -> argparse.ArgumentParser:
                             "the running streams (default: 256)")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="on SIGTERM, seconds to let running requests finish (default: 30)")
+    _add_safety_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    mod = sub.add_parser("moderate", help="self-reflection moderation: the model labels texts "
+                                          "(JSON lines), or --eval on our labeled set")
+    _add_model_args(mod)
+    mod.add_argument("text", nargs="*", help="texts to classify")
+    mod.add_argument("--file", "-f", default=None,
+                     help="classify each non-empty line of this file (- for stdin)")
+    mod.add_argument("--role", choices=["user", "assistant"], default="user",
+                     help="what the texts are: user prompts or assistant answers (default: user)")
+    mod.add_argument("--threshold", type=float, default=None,
+                     help="flag when P(acceptable) is below this (default: the most likely "
+                          "label decides)")
+    mod.add_argument("--eval", action="store_true",
+                     help="precision/recall, confusion matrix and threshold sweep on the "
+                          "evaluation set (mistral7b/guardrails/data)")
+    mod.add_argument("--eval-file", default=None, help="with --eval: another JSONL set")
+    mod.add_argument("--limit", type=int, default=None,
+                     help="with --eval: only this many prompts, half acceptable")
+    mod.add_argument("--answers", action="store_true",
+                     help="with --eval: also the refusal rate of answers to the unacceptable "
+                          "prompts, with and without --safe-prompt (slow)")
+    mod.add_argument("--max-tokens", type=int, default=64,
+                     help="with --answers: tokens per answer (default: 64)")
+    mod.add_argument("--plot", default=None, metavar="PNG",
+                     help="with --eval: the precision-recall curve as a PNG")
+    mod.add_argument("--json", action="store_true", help="with --eval: JSON instead of a table")
+    mod.set_defaults(func=cmd_moderate)
 
     info = sub.add_parser("info", help="describe a model: architecture, window, size, tokenizer")
     _add_model_args(info)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,7 @@ from mistral7b.generate import (
     default_chunk_size,
     stream_batch,
 )
+from mistral7b.guardrails.safety import SAFETY_PROMPT, with_safety_prompt
 from mistral7b.loading import load_checkpoint
 from mistral7b.loading.checkpoint import parse_dtype
 from mistral7b.model import Transformer
@@ -26,6 +27,10 @@ from mistral7b.sampling import SamplingParams
 from mistral7b.tokenizer import Message, MissingTokenizer, Tokenizer
 
 Prompt = str | Sequence[int]
+
+
+if TYPE_CHECKING:
+    from mistral7b.guardrails.moderation import ModerationResult
 
 
 class LLM:
@@ -62,18 +67,25 @@ class LLM:
         return [int(t) for t in prompt]
 
     def stream_generate(self, prompt: Prompt, params: SamplingParams | None = None,
-                        chunk_size: int | None = None, **sampling: Any) -> Iterator[StreamPiece]:
+                        chunk_size: int | None = None, safe_prompt: bool = False,
+                        **sampling: Any) -> Iterator[StreamPiece]:
         """Yield pieces of text (with their token ids) as they are generated. Keyword arguments
         are SamplingParams fields: max_tokens, temperature, top_k, top_p, min_p,
         repetition_penalty, presence_penalty, frequency_penalty, seed, stop, stop_token_ids,
-        ignore_eos, logprobs, top_logprobs."""
+        ignore_eos, logprobs, top_logprobs. safe_prompt=True puts the paper's guardrail prompt
+        and a blank line in front of a text prompt."""
         params = _params(params, sampling)
-        for _, piece in self._stream([self.encode_prompt(prompt)], [params], chunk_size):
+        ids = self.encode_prompt(_safe_text(prompt) if safe_prompt else prompt)
+        for _, piece in self._stream([ids], [params], chunk_size):
             yield piece
 
     def generate(self, prompt: Prompt, params: SamplingParams | None = None,
-                 chunk_size: int | None = None, **sampling: Any) -> GenerationResult:
-        return self.generate_batch([prompt], params, chunk_size, **sampling)[0]
+                 chunk_size: int | None = None, safe_prompt: bool = False,
+                 **sampling: Any) -> GenerationResult:
+        """Complete a text (or token ids). safe_prompt=True puts the paper's guardrail prompt
+        and a blank line in front of a text prompt (for chat models, prefer `chat`)."""
+        return self.generate_batch([_safe_text(prompt) if safe_prompt else prompt], params,
+                                   chunk_size, **sampling)[0]
 
     def generate_batch(self, prompts: Sequence[Prompt],
                        params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -102,10 +114,25 @@ class LLM:
         return results
 
     def chat(self, messages: Sequence[Message], params: SamplingParams | None = None,
-             chunk_size: int | None = None, **sampling: Any) -> GenerationResult:
+             chunk_size: int | None = None, safe_prompt: bool = False,
+             **sampling: Any) -> GenerationResult:
         """Answer an OpenAI-style conversation ([{"role": ..., "content": ...}, ...]) in the
-        model's chat format."""
+        model's chat format. safe_prompt=True makes the paper's guardrail prompt the system
+        message, in front of the conversation's own system message if it has one."""
+        if safe_prompt:
+            messages = with_safety_prompt(messages)
         return self.generate(self.tokenizer.encode_chat(messages), params, chunk_size, **sampling)
+
+    def moderate(self, text: str, role: str = "user", threshold: float | None = None
+                 ) -> ModerationResult:
+        """Self-reflection moderation (paper §5.2): the model labels `text` (a user prompt, or an
+        assistant answer with role="assistant") as acceptable or one of the paper's categories;
+        see guardrails/moderation.py."""
+        from mistral7b.guardrails.moderation import moderate
+
+        if role not in ("user", "assistant"):
+            raise InvalidArgumentError(f"role: expected 'user' or 'assistant' (got {role!r})")
+        return moderate(self, [text], role, threshold)[0]  # type: ignore[arg-type]
 
     def _stream(self, prompts: list[list[int]], params: list[SamplingParams],
                 chunk_size: int | None) -> Iterator[tuple[int, StreamPiece]]:
@@ -126,6 +153,13 @@ def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> Samplin
     if overrides:
         raise TypeError("pass either a SamplingParams or keyword arguments, not both")
     return params
+
+
+def _safe_text(prompt: Prompt) -> str:
+    if not isinstance(prompt, str):
+        raise InvalidArgumentError("safe_prompt: needs a text prompt (token ids are used as "
+                                   "given); for chat models use chat(..., safe_prompt=True)")
+    return f"{SAFETY_PROMPT}\n\n{prompt}"
 
 
 def _no_text(ids: list[int]) -> str:

@@ -6,14 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import httpx
 import openai
@@ -21,11 +18,10 @@ import pytest
 import uvicorn
 
 import mistral7b
-from mistral7b.engine import Engine
 from mistral7b.server.app import ServerState, create_app
 from tests.conftest import wait_until
+from tests.serving import CHUNK, Running, free_port, start_server, stop_server
 
-CHUNK = 64
 QUESTIONS = ["What is the capital of France?", "Name a prime number.", "What is 2 + 2?",
              "Say hello in Spanish.", "What colour is the sky?", "Name a planet.",
              "What is Python?", "Give me a fruit.", "What is a cat?", "Count to three.",
@@ -33,51 +29,9 @@ QUESTIONS = ["What is the capital of France?", "Name a prime number.", "What is 
              "Name a metal.", "What do bees make?"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Running:
-    url: str
-    state: ServerState
-    engine: Engine
-
-    def client(self, key: str = "unused") -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
-
-
 @pytest.fixture(scope="module")
 def llm() -> mistral7b.LLM:
     return mistral7b.load()
-
-
-def start_server(llm: mistral7b.LLM, start_engine: bool = True, **engine_args: int
-                 ) -> tuple[Running, uvicorn.Server, threading.Thread]:
-    engine = Engine(llm.model, llm.tokenizer, **{"max_batch": 16, "max_queue": 64,
-                                                 "prefill_chunk": CHUNK, **engine_args})
-    if start_engine:
-        engine.start()
-    state = ServerState(model_name="smollm2-test", keepalive=0.05, disconnect_poll=0.05)
-    state.attach(llm, engine)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    return Running(f"http://127.0.0.1:{port}", state, engine), server, thread
-
-
-def stop_server(server: uvicorn.Server, thread: threading.Thread, engine: Engine) -> None:
-    engine.stop()
-    server.should_exit = True
-    thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

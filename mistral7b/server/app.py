@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -28,6 +29,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from mistral7b.engine import Engine, EngineClosedError, EngineOutput, QueueFullError
 from mistral7b.errors import ContextLengthError, Mistral7BError
 from mistral7b.generate import StreamPiece
+from mistral7b.guardrails.moderation import (
+    CATEGORIES,
+    LABELS,
+    ModerationResult,
+    Role,
+    moderate,
+    refusal_message,
+)
+from mistral7b.guardrails.safety import with_safety_prompt
 from mistral7b.llm import LLM
 from mistral7b.sampling import SamplingParams
 from mistral7b.server import responses
@@ -37,6 +47,7 @@ from mistral7b.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ModerationRequest,
     SamplingFields,
     TokenizeRequest,
 )
@@ -55,6 +66,9 @@ class ServerState:
     keepalive: float = 5.0               # seconds between SSE comments while nothing is sent
     disconnect_poll: float = 0.25
     status: Status = "loading"
+    safe_prompt: bool = False            # every chat gets the guardrail prompt (--safe-prompt)
+    moderate: str | None = None          # "input" | "output" | "both" (--moderate)
+    moderation_lock: threading.Lock = field(default_factory=threading.Lock)
     llm: LLM | None = None
     engine: Engine | None = None
     metrics: Metrics = field(default_factory=Metrics)
@@ -191,15 +205,22 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         llm, _ = _ready(state)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        if body.safe_prompt:
-            from mistral7b.guardrails.safety import with_safety_prompt
-
+        if body.safe_prompt or state.safe_prompt:
             messages = with_safety_prompt(messages)
         prompt = llm.tokenizer.encode_chat(messages)
         top = body.top_logprobs or 0
         if top and not body.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
-        return await _generate(state, request, "chat", body, prompt, body.logprobs, top)
+        if state.moderate in ("input", "both"):
+            last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"),
+                             "")
+            verdict = (await _moderate(state, [last_user], "user"))[0]
+            if verdict.flagged:
+                envelope = responses.Envelope("chat", body.model or state.model_name)
+                refusal = (refusal_message(verdict), "content_filter", None)
+                return _reply(envelope, body, [refusal] * body.n, responses.usage(len(prompt), 0))
+        return await _generate(state, request, "chat", body, prompt, body.logprobs, top,
+                               moderate_output=state.moderate in ("output", "both"))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -211,6 +232,20 @@ def create_app(state: ServerState) -> FastAPI:
                   else list(body.prompt))
         wanted = body.logprobs is not None
         return await _generate(state, request, "text", body, prompt, wanted, body.logprobs or 0)
+
+    @app.post("/v1/moderations")
+    async def moderations(body: ModerationRequest) -> dict[str, Any]:
+        _ready(state)
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        if any(not t.strip() for t in texts):
+            raise APIError(400, "input: empty text", param="input")
+        results = await _moderate(state, texts, body.role)
+        return {"id": responses.new_id("modr"), "model": body.model or state.model_name,
+                "results": [{"flagged": r.flagged,
+                             "categories": {c: r.label == c for c in CATEGORIES},
+                             "category_scores": {c: r.probabilities[c] for c in CATEGORIES},
+                             "label": r.label, "role": r.role,
+                             "probabilities": r.probabilities} for r in results]}
 
     return app
 
@@ -289,7 +324,8 @@ class _Choices:
 
 
 async def _generate(state: ServerState, request: Request, kind: str, body: SamplingFields,
-                    prompt: list[int], logprobs: bool, top_logprobs: int) -> Response:
+                    prompt: list[int], logprobs: bool, top_logprobs: int,
+                    moderate_output: bool = False) -> Response:
     llm, engine = _ready(state)
     arrived = time.monotonic()
     limit = body.token_limit()
@@ -302,14 +338,46 @@ async def _generate(state: ServerState, request: Request, kind: str, body: Sampl
     def token_text(token_id: int) -> str:
         return llm.tokenizer.decode([token_id])
 
-    if body.stream:
+    if body.stream and not moderate_output:
         return StreamingResponse(
             _stream(state, request, choices, envelope, body, len(prompt), logprobs,
                     token_text, arrived),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    pieces: dict[int, list[StreamPiece]] = {i: [] for i in range(body.n)}
+    collected = await _collect(state, request, choices, body.n)
+    if collected is None:
+        return Response(status_code=499)          # nobody reads it; nginx's "client gone"
+    pieces, finals, first_token = collected
+    failed = [o for o in finals.values() if o.finish_reason == "error"]
+    if failed:
+        raise APIError(500, f"generation failed: {failed[0].error}", "server_error")
+    completion_tokens = sum(o.completion_tokens for o in finals.values())
+    state.metrics.observe_request(arrived, first_token, time.monotonic(), len(prompt),
+                                  completion_tokens)
+    out: list[tuple[str, str | None, dict[str, Any] | None]] = []
+    for i in range(body.n):
+        text = "".join(p.text for p in pieces[i])
+        lp: dict[str, Any] | None = None
+        if logprobs:
+            lp = (responses.chat_logprobs(pieces[i], token_text) if kind == "chat"
+                  else responses.completion_logprobs(pieces[i], token_text))
+        out.append((text, finals[i].finish_reason, lp))
+    if moderate_output:
+        verdicts = await _moderate(state, [text for text, _, _ in out], "assistant")
+        out = [(refusal_message(v), "content_filter", None) if v.flagged else choice
+               for v, choice in zip(verdicts, out, strict=True)]
+    if kind == "text" and getattr(body, "echo", False):
+        out = [(llm.tokenizer.decode(prompt) + text, reason, lp) for text, reason, lp in out]
+    return _reply(envelope, body, out, responses.usage(len(prompt), completion_tokens))
+
+
+async def _collect(state: ServerState, request: Request, choices: _Choices, n: int
+                   ) -> tuple[dict[int, list[StreamPiece]], dict[int, EngineOutput],
+                              float | None] | None:
+    """Every choice's pieces and final output; None (and the requests cancelled) when the
+    client goes away first."""
+    pieces: dict[int, list[StreamPiece]] = {i: [] for i in range(n)}
     finals: dict[int, EngineOutput] = {}
     first_token: float | None = None
     last_check = time.monotonic()
@@ -320,7 +388,7 @@ async def _generate(state: ServerState, request: Request, kind: str, body: Sampl
                 last_check = time.monotonic()
                 if await request.is_disconnected():
                     choices.cancel()
-                    return Response(status_code=499)   # nobody reads it; nginx's "client gone"
+                    return None
             if item is None:
                 continue
             index, out = item
@@ -332,24 +400,54 @@ async def _generate(state: ServerState, request: Request, kind: str, body: Sampl
     except asyncio.CancelledError:
         choices.cancel()
         raise
-    failed = [o for o in finals.values() if o.finish_reason == "error"]
-    if failed:
-        raise APIError(500, f"generation failed: {failed[0].error}", "server_error")
-    completion_tokens = sum(o.completion_tokens for o in finals.values())
-    state.metrics.observe_request(arrived, first_token, time.monotonic(), len(prompt),
-                                  completion_tokens)
-    out_choices = []
-    for i in range(body.n):
-        text = "".join(p.text for p in pieces[i])
-        lp: dict[str, Any] | None = None
-        if logprobs:
-            lp = (responses.chat_logprobs(pieces[i], token_text) if kind == "chat"
-                  else responses.completion_logprobs(pieces[i], token_text))
-        if kind == "text" and getattr(body, "echo", False):
-            text = llm.tokenizer.decode(prompt) + text
-        out_choices.append(envelope.choice(i, text, finals[i].finish_reason, lp))
-    return JSONResponse(envelope.response(out_choices,
-                                          responses.usage(len(prompt), completion_tokens)))
+    return pieces, finals, first_token
+
+
+def _reply(envelope: responses.Envelope, body: SamplingFields,
+           out: list[tuple[str, str | None, dict[str, Any] | None]], usage: dict[str, int]
+           ) -> Response:
+    """Finished choices as one JSON response, or replayed as a stream (each choice's text in
+    one chunk) when the client asked for a stream but the text had to be complete first."""
+    if not body.stream:
+        return JSONResponse(envelope.response(
+            [envelope.choice(i, text, reason, lp) for i, (text, reason, lp) in enumerate(out)],
+            usage))
+
+    def events() -> list[str]:
+        chunks = []
+        if envelope.kind == "chat":
+            chunks.append(_sse(envelope.chunk([envelope.choice(i, "", None, None, delta=True,
+                                                               role=True)
+                                               for i in range(len(out))])))
+        for i, (text, reason, lp) in enumerate(out):
+            chunks.append(_sse(envelope.chunk([envelope.choice(i, text, reason, lp,
+                                                               delta=True)])))
+        if body.include_usage():
+            chunks.append(_sse(envelope.chunk([], usage)))
+        chunks.append(_sse("[DONE]"))
+        return chunks
+
+    return StreamingResponse(iter(events()), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+async def _moderate(state: ServerState, texts: list[str], role: Role) -> list[ModerationResult]:
+    """Self-moderation of `texts`, off the event loop; one classification at a time (it runs
+    the model beside the engine)."""
+    llm = _ready(state)[0]
+
+    def run() -> list[ModerationResult]:
+        real = [t for t in texts if t.strip()]       # an empty answer is acceptable as is
+        with state.moderation_lock:
+            judged = iter(moderate(llm, real, role) if real else [])
+        return [next(judged) if t.strip() else _empty_verdict(role) for t in texts]
+
+    return await asyncio.to_thread(run)
+
+
+def _empty_verdict(role: Role) -> ModerationResult:
+    return ModerationResult("", role, "acceptable", False,
+                            {label: float(label == "acceptable") for label in LABELS}, {})
 
 
 def _sse(data: dict[str, Any] | str) -> str:

@@ -98,3 +98,9 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
+
+
+class ModerationRequest(_Body):
+    model: str | None = None
+    input: str | list[str] = Field(min_length=1)
+    role: Literal["user", "assistant"] = "user"   # ours: what the texts are

@@ -32,6 +32,8 @@ class ServeOptions:
     prefill_chunk: int = 256
     drain_timeout: float = 30.0
     keepalive: float = 5.0
+    safe_prompt: bool = False            # the guardrail prompt in every chat
+    moderate: str | None = None          # "input" | "output" | "both"
 
 
 class _DrainingServer(uvicorn.Server):
@@ -79,7 +81,8 @@ def serve(load: Callable[[], LLM], model_name: str, options: ServeOptions) -> in
                                    ">= 0")
     _check_port(options.host, options.port)
     state = ServerState(model_name=model_name, api_key=options.api_key,
-                        keepalive=options.keepalive)
+                        keepalive=options.keepalive, safe_prompt=options.safe_prompt,
+                        moderate=options.moderate)
     app = create_app(state)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=int(options.drain_timeout),

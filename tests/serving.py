@@ -1,0 +1,59 @@
+"""Starting and stopping the API server in-process, for the server and guardrail tests."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import openai
+import uvicorn
+
+import mistral7b
+from mistral7b.engine import Engine
+from mistral7b.server.app import ServerState, create_app
+
+CHUNK = 64   # the engine's pre-fill chunk in these tests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Running:
+    url: str
+    state: ServerState
+    engine: Engine
+
+    def client(self, key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def start_server(llm: mistral7b.LLM, start_engine: bool = True, **engine_args: int
+                 ) -> tuple[Running, uvicorn.Server, threading.Thread]:
+    engine = Engine(llm.model, llm.tokenizer, **{"max_batch": 16, "max_queue": 64,
+                                                 "prefill_chunk": CHUNK, **engine_args})
+    if start_engine:
+        engine.start()
+    state = ServerState(model_name="smollm2-test", keepalive=0.05, disconnect_poll=0.05)
+    state.attach(llm, engine)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    return Running(f"http://127.0.0.1:{port}", state, engine), server, thread
+
+
+def stop_server(server: uvicorn.Server, thread: threading.Thread, engine: Engine) -> None:
+    engine.stop()
+    server.should_exit = True
+    thread.join(timeout=30)
