@@ -14,6 +14,7 @@ engine step.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import threading
@@ -55,6 +56,8 @@ from mistral7b.server.schemas import (
 log = logging.getLogger("mistral7b")
 
 Status = Literal["loading", "ok", "draining", "failed"]
+_ROUTES = {"/health", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/moderations",
+           "/tokenize", "/detokenize"}
 
 
 @dataclass
@@ -145,18 +148,20 @@ def create_app(state: ServerState) -> FastAPI:
     @app.middleware("http")
     async def auth_and_count(request: Request, call_next: Any) -> Response:
         path = request.url.path
+        route = path if path in _ROUTES else "other"     # bounded label values
         protected = path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
         if protected and state.api_key is not None:
-            if request.headers.get("authorization", "") != f"Bearer {state.api_key}":
+            sent = request.headers.get("authorization", "")
+            if not hmac.compare_digest(sent.encode(), f"Bearer {state.api_key}".encode()):
                 response: Response = _error(
                     401, "missing or wrong API key: send the header `Authorization: Bearer "
                     "<key>` with the key given to `mistral7b serve --api-key`",
                     "authentication_error", code="invalid_api_key")
-                state.metrics.requests.labels(path, "401").inc()
+                state.metrics.requests.labels(route, "401").inc()
                 return response
         response = await call_next(request)
         if path != "/metrics":
-            state.metrics.requests.labels(path, str(response.status_code)).inc()
+            state.metrics.requests.labels(route, str(response.status_code)).inc()
         return response
 
     # ---- status ---------------------------------------------------------------------------
