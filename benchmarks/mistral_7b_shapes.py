@@ -45,7 +45,7 @@ def random_q4_0(rows: int, cols: int, generator: torch.Generator) -> torch.Tenso
     return blocks.view(rows, spec.row_bytes(cols))
 
 
-def build(seed: int = 0) -> LLM:
+def build(cache_dtype: torch.dtype = torch.float32, seed: int = 0) -> LLM:
     config = ModelConfig.from_params(MISTRAL_7B, source="Mistral 7B shapes, random Q4_0")
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
@@ -65,25 +65,28 @@ def build(seed: int = 0) -> LLM:
     for module in model.modules():  # the norms: float32 ones
         if hasattr(module, "eps") and isinstance(getattr(module, "weight", None), nn.Parameter):
             module.weight = nn.Parameter(torch.ones(config.dim), requires_grad=False)
-    return LLM(model.eval(), MissingTokenizer(Path("."), config.vocab_size), torch.float32)
+    return LLM(model.eval(), MissingTokenizer(Path("."), config.vocab_size), torch.float32,
+               cache_dtype=cache_dtype)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16, help="decode steps to time")
     parser.add_argument("--context", type=int, default=0, help="positions already cached")
+    parser.add_argument("--kv-cache-dtype", choices=["float32", "float16"], default="float32")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     start = time.perf_counter()
-    llm = build()
+    llm = build(getattr(torch, args.kv_cache_dtype))
     build_s = time.perf_counter() - start
     weights = sum(t.nbytes for t in [*llm.model.parameters(), *llm.model.buffers()])
     speed, cache_bytes = time_decode_at(llm, args.context, args.tokens)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB
     result = {"parameters_b": round(llm.config.num_parameters() / 1e9, 2),
               "weights_gib": round(weights / 2**30, 2), "build_s": round(build_s, 1),
-              "context": args.context, "decode_tokens_per_s": round(speed, 2),
+              "context": args.context, "kv_cache_dtype": args.kv_cache_dtype,
+              "decode_tokens_per_s": round(speed, 2),
               "kv_cache_mib": round(cache_bytes / 2**20, 1), "peak_rss_gib": round(peak, 2),
               "threads": torch.get_num_threads()}
     print(json.dumps(result, indent=2) if args.json else "\n".join(

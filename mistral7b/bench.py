@@ -44,7 +44,7 @@ def _random_prompts(llm: LLM, batch: int, length: int, seed: int) -> list[list[i
 
 
 def _fresh_cache(llm: LLM, batch: int, depth: int) -> RollingCache:
-    cache = RollingCache(llm.config, rows=batch, dtype=llm.dtype, device=llm.device)
+    cache = RollingCache(llm.config, rows=batch, dtype=llm.cache_dtype, device=llm.device)
     if depth:
         prefill(llm.model, cache, list(range(batch)), _random_prompts(llm, batch, depth, 1),
                 default_chunk_size(llm.config))
@@ -163,7 +163,8 @@ def time_decode_at(llm: LLM, context: int, n: int) -> tuple[float, int]:
     """Decode tokens/s for one sequence whose cache already holds `context` positions, and the
     cache's bytes."""
     # Start from one slot so that after skip_to the buffer holds exactly the positions needed.
-    cache = RollingCache(llm.config, rows=1, dtype=llm.dtype, device=llm.device, initial_slots=1)
+    cache = RollingCache(llm.config, rows=1, dtype=llm.cache_dtype, device=llm.device,
+                         initial_slots=1)
     cache.skip_to(0, context)
     nbytes = cache.nbytes  # before decoding past `context` doubles a growing buffer
     token = [1]

@@ -1,8 +1,8 @@
 """A decode step in one C++ call (quant/csrc/decode.cpp) instead of ~15 PyTorch ops per layer.
 
 `Transformer.forward` uses it for one new token per sequence when every projection is packed in
-a format the compiled kernels know, the norms are float32 and the cache is float32 on the CPU;
-otherwise it runs the Python layers. Both compute the same thing (tests compare them).
+a format the compiled kernels know, the norms are float32 and the cache is float32 or float16 on
+the CPU; otherwise it runs the Python layers. Both compute the same thing (tests compare them).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def gather(model: Transformer) -> DecodeWeights | None:
 
 
 def can_run(cache: RollingCache, h: torch.Tensor) -> bool:
-    return (cache.k.dtype == torch.float32 and h.dtype == torch.float32
+    return (cache.k.dtype in (torch.float32, torch.float16) and h.dtype == torch.float32
             and cache.k.is_contiguous() and cache.v.is_contiguous())
 
 

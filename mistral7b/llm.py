@@ -35,10 +35,11 @@ if TYPE_CHECKING:
 
 class LLM:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, dtype: torch.dtype,
-                 path: Path | None = None) -> None:
+                 path: Path | None = None, cache_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.dtype = dtype
+        self.cache_dtype = cache_dtype or dtype     # of the rolling KV cache
         self.path = path
 
     @property
@@ -56,7 +57,7 @@ class LLM:
         sliding window). Chunked, one-shot and token-by-token give the same numbers."""
         ids = [int(t) for t in token_ids]
         check_prompt(self.config, ids)
-        return all_logits(self.model, ids, self._chunk(chunk_size), self.dtype)
+        return all_logits(self.model, ids, self._chunk(chunk_size), self.cache_dtype)
 
     # ---- generation -----------------------------------------------------------------------
 
@@ -141,7 +142,7 @@ class LLM:
             self.tokenizer.decode([])  # raises the tokenizer's explanation
         return stream_batch(self.model, prompts, params,
                             self.tokenizer.decode if has_text else _no_text,
-                            self.tokenizer.eos_ids, self._chunk(chunk_size), self.dtype)
+                            self.tokenizer.eos_ids, self._chunk(chunk_size), self.cache_dtype)
 
     def _chunk(self, chunk_size: int | None) -> int:
         return chunk_size if chunk_size is not None else default_chunk_size(self.config)
@@ -169,7 +170,8 @@ def _no_text(ids: list[int]) -> str:
 def load(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
          device: str | torch.device = "cpu", progress: bool = True,
          sliding_window: int | None = None, dequantize: bool = False,
-         quantize: str | None = None, prefill_dtype: str | torch.dtype = "float32") -> LLM:
+         quantize: str | None = None, prefill_dtype: str | torch.dtype = "float32",
+         kv_cache_dtype: str | torch.dtype | None = None) -> LLM:
     """Load a Mistral-family model: a .gguf file, a Mistral native or a Hugging Face directory;
     without a path, the embedded default model (SmolLM2-135M-Instruct).
 
@@ -180,6 +182,8 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
     packs the float weights of a native or Hugging Face checkpoint at load.
     prefill_dtype="bfloat16" runs the pre-fill matmuls of packed weights in bfloat16: ~2.5x
     faster pre-fill on CPUs with AVX512-BF16 or AMX, but logits move by ~0.5 (see README).
+    kv_cache_dtype: dtype of the rolling KV cache (default: `dtype`); "float16" halves its
+    memory and the bytes attention reads per token.
     """
     torch_dtype = parse_dtype(dtype)
     resolved = Path(path) if path is not None else default_model_path()
@@ -190,4 +194,5 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
     _, model, tokenizer = load_checkpoint(resolved, torch_dtype, device, progress, sliding_window,
                                         dequantize, quantize)
     model.set_prefill_dtype(fill_dtype)
-    return LLM(model, tokenizer, torch_dtype, resolved)
+    cache_dtype = None if kv_cache_dtype is None else parse_dtype(kv_cache_dtype)
+    return LLM(model, tokenizer, torch_dtype, resolved, cache_dtype)

@@ -158,7 +158,8 @@ def _label_logprobs(llm: LLM, prompts: list[list[int]], labels: dict[str, list[i
     """log P(label tokens | prompt) for every prompt and label. Single-token labels need one
     forward pass per prompt (batched); longer ones are teacher-forced through their tokens."""
     model = llm.model
-    cache = RollingCache(model.config, rows=len(prompts), dtype=llm.dtype, device=model.device)
+    cache = RollingCache(model.config, rows=len(prompts), dtype=llm.cache_dtype,
+                         device=model.device)
     rows = list(range(len(prompts)))
     chunk = llm.config.sliding_window or 4096
     last = torch.log_softmax(prefill(model, cache, rows, prompts, chunk).float(), dim=-1)

@@ -94,7 +94,7 @@ def serve(load: Callable[[], LLM], model_name: str, options: ServeOptions) -> in
         try:
             llm = load()
             engine = Engine(llm.model, llm.tokenizer, options.max_batch, options.max_queue,
-                            options.prefill_chunk, llm.dtype)
+                            options.prefill_chunk, llm.cache_dtype)
             engine.start()
             if state.status == "draining":     # a signal arrived while loading
                 engine.stop()

@@ -1,7 +1,7 @@
 // One decode step (one new token per sequence) through every transformer layer, in C++.
 //
 // This is model.py's forward pass for T == 1, for models whose projections are packed (GGUF
-// block formats) and whose rolling cache is float32. It exists because the Python path spends
+// block formats) and whose rolling cache is float32 or float16 (read and written with F16C). It exists because the Python path spends
 // ~15 PyTorch ops per layer, about 180 us of dispatch per layer on a 2-core machine: for a
 // small model that is more than the layer's own matmuls. Here a step is one call.
 //
@@ -11,7 +11,8 @@
 //   rotate the pairs (2i, 2i+1) of every query and key head by rope[b, i] = (cos, sin)
 //   store the key and value heads at slot write_slot[b] of cache row rows[b] (none if < 0)
 //   o[h]  = softmax(q[h] . k[s] / sqrt(hd) over the slots s < n_slots that mask[b, s] allows)
-//           weighted sum of v[s], reading kv head h / (H / Hkv) (grouped-query attention)
+//           weighted sum of v[s], reading kv head h / (H / Hkv) (grouped-query attention; the
+//           H / Hkv query heads of a kv head are done together, reading its cache once)
 //   x    += o @ Wo^T
 //   a     = rms_norm(x) * norms[2l + 1]
 //   g, u  = the two halves of a @ W13^T
@@ -31,29 +32,48 @@
 
 namespace {
 
-float dot(const float* a, const float* b, int64_t n) {
+// The cache holds float32 or float16 (at::Half) values; these read and write either.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline float load1(const float* p) { return *p; }
+inline float load1(const at::Half* p) { return static_cast<float>(*p); }
+
+// n floats into the cache; float16 rounds to nearest even, as Tensor.to(torch.float16) does.
+inline void store(const float* src, int64_t n, float* dst) { std::copy(src, src + n, dst); }
+inline void store(const float* src, int64_t n, at::Half* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (; i < n; i++) dst[i] = static_cast<at::Half>(src[i]);
+}
+
+template <class A, class B>
+float dot(const A* a, const B* b, int64_t n) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    acc0 = _mm256_fmadd_ps(load8(a + i), load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(load8(a + i + 8), load8(b + i + 8), acc1);
   }
-  for (; i + 8 <= n; i += 8) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(load8(a + i), load8(b + i), acc0);
   float s = hsum(_mm256_add_ps(acc0, acc1));
-  for (; i < n; i++) s += a[i] * b[i];
+  for (; i < n; i++) s += load1(a + i) * load1(b + i);
   return s;
 }
 
 // y += a * x
-void axpy(float* y, float a, const float* x, int64_t n) {
+template <class C>
+void axpy(float* y, float a, const C* x, int64_t n) {
   const __m256 va = _mm256_set1_ps(a);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load8(x + i), _mm256_loadu_ps(y + i)));
   }
-  for (; i < n; i++) y[i] += a * x[i];
+  for (; i < n; i++) y[i] += a * load1(x + i);
 }
 
 // e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-7 polynomial
@@ -98,53 +118,68 @@ void rotate(float* v, int64_t heads, int64_t hd, const float* cs) {
   }
 }
 
-// Softmax attention of one query head q against n slots of keys K and values V (hd each),
-// skipping the slots whose mask byte is 0; writes hd values to out. `scores` holds n floats.
-void attend(const float* q, const float* K, const float* V, const bool* mask, int64_t n,
-            int64_t hd, float* scores, float* out) {
+// Softmax attention of the G query heads of one group (q: G heads of hd values, contiguous)
+// against the n slots of their shared key/value head K, V (grouped-query attention): each key
+// and value row is read once for all G heads. Slots whose mask byte is 0 are skipped. Writes G
+// heads of hd values to out; `scores` holds G * n floats.
+template <class C>
+void attend_group(const float* q, int64_t G, const C* K, const C* V, const bool* mask,
+                  int64_t n, int64_t hd, float* scores, float* out) {
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  float best = neg_inf;
+  std::vector<float> best(G, neg_inf);
   for (int64_t s = 0; s < n; s++) {
-    scores[s] = mask[s] ? dot(q, K + s * hd, hd) * scale : neg_inf;
-    best = std::max(best, scores[s]);
+    for (int64_t g = 0; g < G; g++) {
+      const float v = mask[s] ? dot(q + g * hd, K + s * hd, hd) * scale : neg_inf;
+      scores[g * n + s] = v;
+      best[g] = std::max(best[g], v);
+    }
   }
-  std::fill(out, out + hd, 0.f);
-  if (best == neg_inf) return;  // nothing visible (RollingCache never plans this)
-  const __m256 shift = _mm256_set1_ps(best);
-  __m256 acc = _mm256_setzero_ps();
-  int64_t s = 0;
-  for (; s + 8 <= n; s += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + s), shift));
-    _mm256_storeu_ps(scores + s, e);
-    acc = _mm256_add_ps(acc, e);
+  std::fill(out, out + G * hd, 0.f);
+  std::vector<float> inv(G, 0.f);
+  for (int64_t g = 0; g < G; g++) {
+    if (best[g] == neg_inf) continue;  // nothing visible (RollingCache never plans this)
+    float* sc = scores + g * n;
+    const __m256 shift = _mm256_set1_ps(best[g]);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t s = 0;
+    for (; s + 8 <= n; s += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + s), shift));
+      _mm256_storeu_ps(sc + s, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    float total = hsum(acc);
+    for (; s < n; s++) {
+      sc[s] = sc[s] == neg_inf ? 0.f : std::exp(sc[s] - best[g]);
+      total += sc[s];
+    }
+    inv[g] = 1.f / total;
   }
-  float total = hsum(acc);
-  for (; s < n; s++) {
-    scores[s] = scores[s] == neg_inf ? 0.f : std::exp(scores[s] - best);
-    total += scores[s];
+  for (int64_t s = 0; s < n; s++) {
+    if (!mask[s]) continue;
+    for (int64_t g = 0; g < G; g++) {
+      const float p = scores[g * n + s];
+      if (p != 0.f) axpy(out + g * hd, p, V + s * hd, hd);
+    }
   }
-  for (s = 0; s < n; s++) {
-    if (scores[s] != 0.f) axpy(out, scores[s], V + s * hd, hd);
+  for (int64_t g = 0; g < G; g++) {
+    for (int64_t i = 0; i < hd; i++) out[g * hd + i] *= inv[g];
   }
-  const float inv = 1.f / total;
-  for (int64_t i = 0; i < hd; i++) out[i] *= inv;
 }
 
 inline float silu(float g) { return g / (1.f + std::exp(-g)); }
 
 }  // namespace
 
-torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& norms,
-                            const std::vector<torch::Tensor>& weights,
-                            const std::vector<int64_t>& types, torch::Tensor k_cache,
-                            torch::Tensor v_cache, torch::Tensor rows, torch::Tensor write_slot,
-                            torch::Tensor mask, torch::Tensor rope, int64_t n_heads, double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "decode_layers: x (B, dim) fp32");
-  TORCH_CHECK(k_cache.dim() == 5 && k_cache.scalar_type() == torch::kFloat32 &&
-              k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
-              v_cache.scalar_type() == torch::kFloat32 && v_cache.is_contiguous(),
-              "decode_layers: caches must be contiguous float32 (layers, rows, kv heads, slots, hd)");
+namespace {
+
+template <class C>
+torch::Tensor decode_layers_impl(torch::Tensor x, const std::vector<torch::Tensor>& norms,
+                                 const std::vector<torch::Tensor>& weights,
+                                 const std::vector<int64_t>& types, torch::Tensor k_cache,
+                                 torch::Tensor v_cache, torch::Tensor rows,
+                                 torch::Tensor write_slot, torch::Tensor mask, torch::Tensor rope,
+                                 int64_t n_heads, double eps) {
   const int64_t L = k_cache.size(0), R = k_cache.size(1), Hkv = k_cache.size(2);
   const int64_t S = k_cache.size(3), hd = k_cache.size(4);
   const int64_t B = x.size(0), dim = x.size(1), H = n_heads;
@@ -187,8 +222,8 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& n
 
   x = x.contiguous().clone();
   float* xp = x.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
+  C* kc = k_cache.data_ptr<C>();
+  C* vc = v_cache.data_ptr<C>();
   const bool* mk = mask.data_ptr<bool>();
   const float* cs = rope.data_ptr<float>();
   const int64_t hidden = weights[2].size(0) / 2;
@@ -214,17 +249,19 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& n
       if (slot[b] < 0) continue;
       for (int64_t h = 0; h < Hkv; h++) {
         const int64_t at = (((l * R + row[b]) * Hkv + h) * S + slot[b]) * hd;
-        std::copy(q + q_width + h * hd, q + q_width + (h + 1) * hd, kc + at);
-        std::copy(q + q_width + kv_width + h * hd, q + q_width + kv_width + (h + 1) * hd, vc + at);
+        store(q + q_width + h * hd, hd, kc + at);
+        store(q + q_width + kv_width + h * hd, hd, vc + at);
       }
     }
-    at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> scores(n_slots);
+    const int64_t G = H / Hkv;                      // query heads per kv head
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> scores(G * n_slots);
       for (int64_t t = t0; t < t1; t++) {
-        const int64_t b = t / H, h = t % H;
-        const int64_t kv = (((l * R + row[b]) * Hkv + h / (H / Hkv)) * S) * hd;
-        attend(qkv.data() + b * qkv_width + h * hd, kc + kv, vc + kv, mk + b * n_slots, n_slots,
-               hd, scores.data(), attn.data() + b * q_width + h * hd);
+        const int64_t b = t / Hkv, h = t % Hkv;     // query heads h*G .. h*G + G - 1
+        const int64_t kv = (((l * R + row[b]) * Hkv + h) * S) * hd;
+        attend_group(qkv.data() + b * qkv_width + h * G * hd, G, kc + kv, vc + kv,
+                     mk + b * n_slots, n_slots, hd, scores.data(),
+                     attn.data() + b * q_width + h * G * hd);
       }
     });
     matmul(attn.data(), q_width, 4 * l + 1, proj.data());
@@ -242,4 +279,26 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& n
     residual_add();
   }
   return x;
+}
+
+}  // namespace
+
+torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& norms,
+                            const std::vector<torch::Tensor>& weights,
+                            const std::vector<int64_t>& types, torch::Tensor k_cache,
+                            torch::Tensor v_cache, torch::Tensor rows, torch::Tensor write_slot,
+                            torch::Tensor mask, torch::Tensor rope, int64_t n_heads, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "decode_layers: x (B, dim) fp32");
+  const auto kind = k_cache.scalar_type();
+  TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == kind &&
+              (kind == torch::kFloat32 || kind == torch::kFloat16),
+              "decode_layers: caches must be contiguous float32 or float16 tensors of shape "
+              "(layers, rows, kv heads, slots, head_dim)");
+  if (kind == torch::kFloat16) {
+    return decode_layers_impl<at::Half>(x, norms, weights, types, k_cache, v_cache, rows,
+                                        write_slot, mask, rope, n_heads, eps);
+  }
+  return decode_layers_impl<float>(x, norms, weights, types, k_cache, v_cache, rows, write_slot,
+                                   mask, rope, n_heads, eps);
 }
