@@ -111,6 +111,22 @@ def test_completion_stream_and_stop_string(srv: Running, llm: mistral7b.LLM) -> 
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_several_prompts_in_one_completion_request(srv: Running, llm: mistral7b.LLM) -> None:
+    prompts = ["The capital of France is", "Once upon a time"]
+    r = srv.client().completions.create(model="m", prompt=prompts, n=2, temperature=0,
+                                        max_tokens=8, extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]        # prompt k // n, choice k % n
+    for k, choice in enumerate(r.choices):
+        expected = llm.generate(prompts[k // 2], temperature=0, max_tokens=8, ignore_eos=True,
+                                chunk_size=CHUNK)
+        assert choice.text == expected.text
+    assert r.usage is not None
+    assert r.usage.prompt_tokens == sum(len(llm.tokenizer.encode(p)) for p in prompts)
+    assert r.usage.completion_tokens == 4 * 8
+    bad = httpx.post(f"{srv.url}/v1/completions", json={"prompt": ["a", ""], "max_tokens": 2})
+    assert bad.status_code == 400 and bad.json()["error"]["message"].startswith("prompt[1]")
+
+
 def test_n_choices_and_chat_logprobs(srv: Running) -> None:
     r = srv.client().chat.completions.create(
         model="m", messages=[{"role": "user", "content": "Write a word."}], n=2,
@@ -194,6 +210,15 @@ def test_invalid_fields_get_400_naming_the_field(srv: Running, body: dict, param
     error = r.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error"
     assert error["message"].startswith(param) and words in error["message"]
+
+
+def test_null_fields_take_their_defaults(srv: Running) -> None:
+    request = {"model": None, "messages": [{"role": "user", "content": "hi", "name": None}],
+               "temperature": None, "top_p": None, "stop": None, "seed": None, "n": None,
+               "max_tokens": 3, "stream": None, "logprobs": None, "stream_options": None}
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json=request, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1
 
 
 def test_invalid_json_and_prompt_too_long(srv: Running) -> None:

@@ -44,6 +44,7 @@ from mistral7b.sampling import SamplingParams
 from mistral7b.server import responses
 from mistral7b.server.metrics import Metrics
 from mistral7b.server.schemas import (
+    MAX_CHOICES,
     MAX_STOP,
     ChatCompletionRequest,
     CompletionRequest,
@@ -224,7 +225,7 @@ def create_app(state: ServerState) -> FastAPI:
                 envelope = responses.Envelope("chat", body.model or state.model_name)
                 refusal = (refusal_message(verdict), "content_filter", None)
                 return _reply(envelope, body, [refusal] * body.n, responses.usage(len(prompt), 0))
-        return await _generate(state, request, "chat", body, prompt, body.logprobs, top,
+        return await _generate(state, request, "chat", body, [prompt], body.logprobs, top,
                                moderate_output=state.moderate in ("output", "both"))
 
     @app.post("/v1/completions")
@@ -233,10 +234,12 @@ def create_app(state: ServerState) -> FastAPI:
         if body.safe_prompt:
             raise APIError(400, "safe_prompt: only for /v1/chat/completions (a plain completion "
                            "has no system prompt)", param="safe_prompt")
-        prompt = (llm.tokenizer.encode(body.prompt) if isinstance(body.prompt, str)
-                  else list(body.prompt))
+        prompts = _completion_prompts(llm, body.prompt)
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise APIError(400, f"prompt: {len(prompts)} prompts x n={body.n} choices is more "
+                           f"than {MAX_CHOICES}", param="prompt")
         wanted = body.logprobs is not None
-        return await _generate(state, request, "text", body, prompt, wanted, body.logprobs or 0)
+        return await _generate(state, request, "text", body, prompts, wanted, body.logprobs or 0)
 
     @app.post("/v1/moderations")
     async def moderations(body: ModerationRequest) -> dict[str, Any]:
@@ -253,6 +256,23 @@ def create_app(state: ServerState) -> FastAPI:
                              "probabilities": r.probabilities} for r in results]}
 
     return app
+
+
+def _completion_prompts(llm: LLM, prompt: str | list[int] | list[str] | list[list[int]]
+                        ) -> list[list[int]]:
+    """/v1/completions' `prompt`: a text, token ids, or a list of either (one per prompt)."""
+    items: list[str | list[int]]
+    if isinstance(prompt, str) or all(isinstance(t, int) for t in prompt):
+        items = [prompt]  # type: ignore[list-item]
+    else:
+        items = list(prompt)  # type: ignore[arg-type]
+    out = []
+    for i, item in enumerate(items):
+        ids = llm.tokenizer.encode(item) if isinstance(item, str) else list(item)
+        if not ids:
+            raise APIError(400, f"prompt[{i}]: empty", param="prompt")
+        out.append(ids)
+    return out
 
 
 def _ready(state: ServerState) -> tuple[LLM, Engine]:
@@ -300,10 +320,10 @@ class _Choices:
         self.ids: list[str] = []
         self.open: set[int] = set()
 
-    def submit(self, prompt: list[int], params: list[SamplingParams]) -> None:
+    def submit(self, requests: list[tuple[list[int], SamplingParams]]) -> None:
         try:
-            for index, p in enumerate(params):
-                self.ids.append(self.engine.submit(prompt, p, self._callback(index)))
+            for index, (prompt, params) in enumerate(requests):
+                self.ids.append(self.engine.submit(prompt, params, self._callback(index)))
                 self.open.add(index)
         except Exception:
             self.cancel()
@@ -329,15 +349,19 @@ class _Choices:
 
 
 async def _generate(state: ServerState, request: Request, kind: str, body: SamplingFields,
-                    prompt: list[int], logprobs: bool, top_logprobs: int,
+                    prompts: list[list[int]], logprobs: bool, top_logprobs: int,
                     moderate_output: bool = False) -> Response:
+    """Choice k answers prompts[k // n] (OpenAI's order for several prompts)."""
     llm, engine = _ready(state)
     arrived = time.monotonic()
     limit = body.token_limit()
-    params = [sampling_params(body, limit, len(prompt), llm.config.max_seq_len, logprobs,
-                              top_logprobs, i) for i in range(body.n)]
+    total = len(prompts) * body.n
+    prompt_tokens = sum(len(p) for p in prompts)
+    requests = [(prompt, sampling_params(body, limit, len(prompt), llm.config.max_seq_len,
+                                         logprobs, top_logprobs, j))
+                for prompt in prompts for j in range(body.n)]
     choices = _Choices(engine)
-    choices.submit(prompt, params)
+    choices.submit(requests)
     envelope = responses.Envelope(kind, body.model or state.model_name)
 
     def token_text(token_id: int) -> str:
@@ -345,12 +369,12 @@ async def _generate(state: ServerState, request: Request, kind: str, body: Sampl
 
     if body.stream and not moderate_output:
         return StreamingResponse(
-            _stream(state, request, choices, envelope, body, len(prompt), logprobs,
+            _stream(state, request, choices, envelope, body, total, prompt_tokens, logprobs,
                     token_text, arrived),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    collected = await _collect(state, request, choices, body.n)
+    collected = await _collect(state, request, choices, total)
     if collected is None:
         return Response(status_code=499)          # nobody reads it; nginx's "client gone"
     pieces, finals, first_token = collected
@@ -358,10 +382,10 @@ async def _generate(state: ServerState, request: Request, kind: str, body: Sampl
     if failed:
         raise APIError(500, f"generation failed: {failed[0].error}", "server_error")
     completion_tokens = sum(o.completion_tokens for o in finals.values())
-    state.metrics.observe_request(arrived, first_token, time.monotonic(), len(prompt),
+    state.metrics.observe_request(arrived, first_token, time.monotonic(), prompt_tokens,
                                   completion_tokens)
     out: list[tuple[str, str | None, dict[str, Any] | None]] = []
-    for i in range(body.n):
+    for i in range(total):
         text = "".join(p.text for p in pieces[i])
         lp: dict[str, Any] | None = None
         if logprobs:
@@ -373,8 +397,9 @@ async def _generate(state: ServerState, request: Request, kind: str, body: Sampl
         out = [(refusal_message(v), "content_filter", None) if v.flagged else choice
                for v, choice in zip(verdicts, out, strict=True)]
     if kind == "text" and getattr(body, "echo", False):
-        out = [(llm.tokenizer.decode(prompt) + text, reason, lp) for text, reason, lp in out]
-    return _reply(envelope, body, out, responses.usage(len(prompt), completion_tokens))
+        out = [(llm.tokenizer.decode(prompts[k // body.n]) + text, reason, lp)
+               for k, (text, reason, lp) in enumerate(out)]
+    return _reply(envelope, body, out, responses.usage(prompt_tokens, completion_tokens))
 
 
 async def _collect(state: ServerState, request: Request, choices: _Choices, n: int
@@ -460,17 +485,18 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 
 async def _stream(state: ServerState, request: Request, choices: _Choices,
-                  envelope: responses.Envelope, body: SamplingFields, prompt_tokens: int,
+                  envelope: responses.Envelope, body: SamplingFields, total: int,
+                  prompt_tokens: int,
                   logprobs: bool, token_text: responses.TokenText, arrived: float
                   ) -> AsyncIterator[str]:
     completion_tokens = 0
     first_token: float | None = None
     last_sent = time.monotonic()
-    offsets = dict.fromkeys(range(body.n), 0)
+    offsets = dict.fromkeys(range(total), 0)
     try:
         if envelope.kind == "chat":
             yield _sse(envelope.chunk([envelope.choice(i, "", None, None, delta=True, role=True)
-                                       for i in range(body.n)]))
+                                       for i in range(total)]))
         last_check = time.monotonic()
         while choices.open:
             item = await choices.next(state.disconnect_poll)

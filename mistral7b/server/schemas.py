@@ -4,18 +4,27 @@ responses.py, in OpenAI's shapes."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_N = 16
+MAX_CHOICES = 64      # prompts x n in one /v1/completions request
 MAX_STOP = 16
 
 
 class _Body(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers do for fields of newer API
-    # versions; known ones are checked strictly.
+    # versions; known ones are checked strictly. A field sent as null means "not set" (several
+    # clients send every field, null when unset): it takes its default.
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_unset(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class TextPart(_Body):
@@ -83,7 +92,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] = Field(min_length=1)
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(min_length=1)
     logprobs: int | None = Field(None, ge=0, le=20)   # legacy API: how many top tokens
     echo: bool = False
 
