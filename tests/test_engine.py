@@ -146,7 +146,12 @@ def test_queue_limit_and_bad_prompts_are_refused(llm: mistral7b.LLM) -> None:
         eng.submit([ids[-1]] * 9000, GREEDY, Collector())
     with pytest.raises(InvalidArgumentError, match="empty"):
         eng.submit([], GREEDY, Collector())
+    waiting = Collector()
+    eng2 = Engine(llm.model, llm.tokenizer, max_batch=1)
+    eng2.submit(ids, GREEDY, waiting)
     eng.stop()
+    eng2.stop()             # never started: its waiting request still hears that it ended
+    assert waiting.done.is_set() and waiting.outputs[-1].finish_reason == "cancelled"
 
 
 def test_drain_finishes_accepted_requests_and_refuses_new_ones(llm: mistral7b.LLM,

@@ -84,6 +84,7 @@ class _Request:
     prefilled: int = 0                   # prompt tokens already in the cache
     next_token: int | None = None        # sampled, not yet fed to the model
     cancelled: bool = False
+    done: bool = False                   # its final output was sent: nothing more goes out
     submitted: float = field(default_factory=time.monotonic)
 
 
@@ -178,6 +179,8 @@ class Engine:
             self._stopping = True
             for request in [*self._waiting, *self._running]:
                 request.cancelled = True
+            if self._thread is None:             # never started: tell the waiting ones here
+                self._drop_cancelled()
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
@@ -282,7 +285,10 @@ class Engine:
             self._waiting.remove(request)
 
     def _finish(self, request: _Request, output: EngineOutput) -> None:
+        if request.done:           # e.g. a step failed after this request had finished
+            return
         if output.finished:
+            request.done = True
             with self._lock:
                 self._by_id.pop(request.id, None)
         try:
