@@ -486,9 +486,9 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 async def _stream(state: ServerState, request: Request, choices: _Choices,
                   envelope: responses.Envelope, body: SamplingFields, total: int,
-                  prompt_tokens: int,
-                  logprobs: bool, token_text: responses.TokenText, arrived: float
-                  ) -> AsyncIterator[str]:
+                  prompt_tokens: int, logprobs: bool, token_text: responses.TokenText,
+                  arrived: float) -> AsyncIterator[str]:
+    """Server-sent events of `total` choices as the engine produces them."""
     completion_tokens = 0
     first_token: float | None = None
     last_sent = time.monotonic()
