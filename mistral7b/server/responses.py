@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from mistral7b.generate import StreamPiece
@@ -27,21 +27,24 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _tokens(pieces: Sequence[StreamPiece]
+            ) -> Iterator[tuple[int, float, list[tuple[int, float]]]]:
+    """(token id, its logprob, the top alternatives) of every generated token."""
+    for piece in pieces:
+        for i, (token_id, logprob) in enumerate(zip(piece.token_ids, piece.logprobs,
+                                                    strict=False)):
+            yield token_id, logprob, piece.top_logprobs[i] if i < len(piece.top_logprobs) else []
+
+
 def chat_logprobs(pieces: Sequence[StreamPiece], token_text: TokenText) -> dict[str, Any]:
     """Chat API logprobs: {"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}."""
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         text = token_text(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-    content = []
-    for piece in pieces:
-        for i, (token_id, logprob) in enumerate(zip(piece.token_ids, piece.logprobs,
-                                                    strict=False)):
-            item = entry(token_id, logprob)
-            tops = piece.top_logprobs[i] if i < len(piece.top_logprobs) else []
-            item["top_logprobs"] = [entry(t, lp) for t, lp in tops]
-            content.append(item)
-    return {"content": content}
+    return {"content": [entry(token_id, logprob) | {"top_logprobs": [entry(t, lp)
+                                                                     for t, lp in tops]}
+                        for token_id, logprob, tops in _tokens(pieces)]}
 
 
 def completion_logprobs(pieces: Sequence[StreamPiece], token_text: TokenText,
@@ -53,16 +56,13 @@ def completion_logprobs(pieces: Sequence[StreamPiece], token_text: TokenText,
     top: list[dict[str, float]] = []
     offsets: list[int] = []
     offset = text_offset
-    for piece in pieces:
-        for i, (token_id, logprob) in enumerate(zip(piece.token_ids, piece.logprobs,
-                                                    strict=False)):
-            text = token_text(token_id)
-            tokens.append(text)
-            token_logprobs.append(logprob)
-            tops = piece.top_logprobs[i] if i < len(piece.top_logprobs) else []
-            top.append({token_text(t): lp for t, lp in tops})
-            offsets.append(offset)
-            offset += len(text)
+    for token_id, logprob, tops in _tokens(pieces):
+        text = token_text(token_id)
+        tokens.append(text)
+        token_logprobs.append(logprob)
+        top.append({token_text(t): lp for t, lp in tops})
+        offsets.append(offset)
+        offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
             "text_offset": offsets}
 
