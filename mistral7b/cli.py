@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mistral7b.errors import ContextLengthError, InvalidArgumentError, Mistral7BError
 
@@ -313,7 +313,9 @@ def cmd_moderate(args: argparse.Namespace) -> int:
             raise InvalidArgumentError("--eval runs on the evaluation set: give no TEXT or --file")
         items = evaluation.load_eval_set(Path(args.eval_file) if args.eval_file else None)
         if args.limit is not None:
-            items = _balanced_sample(items, args.limit)
+            if args.limit < 1:
+                raise InvalidArgumentError(f"--limit must be >= 1 (got {args.limit})")
+            items = evaluation.balanced_sample(items, args.limit)
         llm = _load(args, progress=False)
 
         def progress(done: int, total: int) -> None:
@@ -353,16 +355,6 @@ def cmd_moderate(args: argparse.Namespace) -> int:
     for result in moderate(llm, texts, args.role, args.threshold):
         print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
     return 0
-
-
-def _balanced_sample(items: list[Any], limit: int) -> list[Any]:
-    """The first `limit` items, alternating acceptable and unacceptable ones."""
-    if limit < 1:
-        raise InvalidArgumentError(f"--limit must be >= 1 (got {limit})")
-    ok = [i for i in items if i.label == "acceptable"]
-    bad = [i for i in items if i.label != "acceptable"]
-    mixed = [x for pair in zip(ok, bad, strict=False) for x in pair]
-    return mixed[:limit]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

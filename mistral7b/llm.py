@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -19,6 +19,7 @@ from mistral7b.generate import (
     default_chunk_size,
     stream_batch,
 )
+from mistral7b.guardrails.moderation import ModerationResult, Moderator, Role
 from mistral7b.guardrails.safety import SAFETY_PROMPT, with_safety_prompt
 from mistral7b.loading import load_checkpoint
 from mistral7b.loading.checkpoint import parse_dtype
@@ -29,10 +30,6 @@ from mistral7b.tokenizer import Message, MissingTokenizer, Tokenizer
 Prompt = str | Sequence[int]
 
 
-if TYPE_CHECKING:
-    from mistral7b.guardrails.moderation import ModerationResult
-
-
 class LLM:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, dtype: torch.dtype,
                  path: Path | None = None, cache_dtype: torch.dtype | None = None) -> None:
@@ -41,6 +38,7 @@ class LLM:
         self.dtype = dtype
         self.cache_dtype = cache_dtype or dtype     # of the rolling KV cache
         self.path = path
+        self._moderator: Moderator | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -124,16 +122,19 @@ class LLM:
             messages = with_safety_prompt(messages)
         return self.generate(self.tokenizer.encode_chat(messages), params, chunk_size, **sampling)
 
-    def moderate(self, text: str, role: str = "user", threshold: float | None = None
+    @property
+    def moderator(self) -> Moderator:
+        """This model's self-reflection classifier, made on first use."""
+        if self._moderator is None:
+            self._moderator = Moderator(self)
+        return self._moderator
+
+    def moderate(self, text: str, role: Role = "user", threshold: float | None = None
                  ) -> ModerationResult:
         """Self-reflection moderation (paper §5.2): the model labels `text` (a user prompt, or an
         assistant answer with role="assistant") as acceptable or one of the paper's categories;
         see guardrails/moderation.py."""
-        from mistral7b.guardrails.moderation import moderate
-
-        if role not in ("user", "assistant"):
-            raise InvalidArgumentError(f"role: expected 'user' or 'assistant' (got {role!r})")
-        return moderate(self, [text], role, threshold)[0]  # type: ignore[arg-type]
+        return self.moderator.classify([text], role, threshold)[0]
 
     def _stream(self, prompts: list[list[int]], params: list[SamplingParams],
                 chunk_size: int | None) -> Iterator[tuple[int, StreamPiece]]:

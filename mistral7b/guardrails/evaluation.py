@@ -57,6 +57,13 @@ def load_eval_set(path: Path | None = None) -> list[EvalItem]:
     return items
 
 
+def balanced_sample(items: Sequence[EvalItem], limit: int) -> list[EvalItem]:
+    """The first `limit` items, alternating acceptable and unacceptable ones."""
+    ok = [i for i in items if i.label == "acceptable"]
+    bad = [i for i in items if i.label != "acceptable"]
+    return [x for pair in zip(ok, bad, strict=False) for x in pair][:limit]
+
+
 def precision_recall(truth: Sequence[bool], predicted: Sequence[bool]) -> tuple[float, float]:
     """Precision and recall of the positive class (True = acceptable); 1.0 when undefined
     (nothing predicted positive, or no positives)."""
@@ -204,6 +211,7 @@ def plot_sweep(report: EvalReport, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["CATEGORIES", "EvalItem", "EvalReport", "confusion_matrix", "evaluate",
+__all__ = ["CATEGORIES", "EvalItem", "EvalReport", "balanced_sample", "confusion_matrix",
+           "evaluate",
            "load_eval_set", "plot_sweep", "precision_recall", "refusal_rates",
            "threshold_sweep"]

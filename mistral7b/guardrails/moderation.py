@@ -31,7 +31,7 @@ import torch
 
 from mistral7b.cache import RollingCache
 from mistral7b.errors import InvalidArgumentError
-from mistral7b.generate import check_prompt, prefill
+from mistral7b.generate import check_prompt, default_chunk_size, prefill
 from mistral7b.tokenizer import Message
 
 if TYPE_CHECKING:
@@ -145,12 +145,8 @@ class Moderator:
 
 def moderate(llm: LLM, texts: Sequence[str], role: Role = "user",
              threshold: float | None = None) -> list[ModerationResult]:
-    """Classify each text with the LLM's (cached) Moderator."""
-    moderator = getattr(llm, "_moderator", None)
-    if moderator is None:
-        moderator = Moderator(llm)
-        llm._moderator = moderator  # type: ignore[attr-defined]
-    return moderator.classify(texts, role, threshold)
+    """Classify each text with the LLM's Moderator (its calibration is computed once)."""
+    return llm.moderator.classify(texts, role, threshold)
 
 
 def _label_logprobs(llm: LLM, prompts: list[list[int]], labels: dict[str, list[int]]
@@ -161,7 +157,7 @@ def _label_logprobs(llm: LLM, prompts: list[list[int]], labels: dict[str, list[i
     cache = RollingCache(model.config, rows=len(prompts), dtype=llm.cache_dtype,
                          device=model.device)
     rows = list(range(len(prompts)))
-    chunk = llm.config.sliding_window or 4096
+    chunk = default_chunk_size(llm.config)
     last = torch.log_softmax(prefill(model, cache, rows, prompts, chunk).float(), dim=-1)
     out = []
     for b, prompt in enumerate(prompts):
