@@ -296,6 +296,18 @@ def test_temperature_frequencies_match_softmax(temperature: float) -> None:
 # ---------------------------------------------------------------------------
 
 
+def processed(raw: list[float], prompt: list[int], generated: list[int],
+              params: SamplingParams) -> torch.Tensor:
+    """`raw` logits after the params' logits processors, with that prompt and generated text."""
+    history = TokenHistory(len(raw), prompt)
+    for t in generated:
+        history.add(t)
+    logits = torch.tensor(raw)
+    for proc in make_logits_processors(params):
+        logits = proc(logits, history)
+    return logits
+
+
 def test_repetition_penalty_matches_hand_computation_and_transformers() -> None:
     raw = [2.0, -1.0, 0.5, -3.0, 1.0, 0.0, 4.0]
     prompt = [0, 1, 5]
@@ -303,12 +315,7 @@ def test_repetition_penalty_matches_hand_computation_and_transformers() -> None:
     penalty = 1.5
     params = SamplingParams(repetition_penalty=penalty)
 
-    history = TokenHistory(len(raw), prompt)
-    for t in generated:
-        history.add(t)
-    logits = torch.tensor(raw)
-    for proc in make_logits_processors(params):
-        logits = proc(logits, history)
+    logits = processed(raw, prompt, generated, params)
 
     seen = set(prompt) | set(generated)
     hand = [(v / penalty if v > 0 else v * penalty) if i in seen else v for i, v in enumerate(raw)]
@@ -338,12 +345,7 @@ def test_presence_and_frequency_penalties_match_hand_computation() -> None:
     presence, frequency = 0.5, 0.3
     params = SamplingParams(presence_penalty=presence, frequency_penalty=frequency)
 
-    history = TokenHistory(len(raw), prompt)
-    for t in generated:
-        history.add(t)
-    logits = torch.tensor(raw)
-    for proc in make_logits_processors(params):
-        logits = proc(logits, history)
+    logits = processed(raw, prompt, generated, params)
 
     counts = Counter(generated)
     hand = [v - presence * (counts[i] > 0) - frequency * counts[i] for i, v in enumerate(raw)]
