@@ -41,6 +41,12 @@ def start_server(llm: mistral7b.LLM, start_engine: bool = True, **engine_args: i
         engine.start()
     state = ServerState(model_name="smollm2-test", keepalive=0.05, disconnect_poll=0.05)
     state.attach(llm, engine)
+    url, server, thread = serve_app(state)
+    return Running(url, state, engine), server, thread
+
+
+def serve_app(state: ServerState) -> tuple[str, uvicorn.Server, threading.Thread]:
+    """The API of `state` on a free local port, in a thread; returns its base URL."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port,
                                            log_level="warning"))
@@ -50,7 +56,7 @@ def start_server(llm: mistral7b.LLM, start_engine: bool = True, **engine_args: i
     while not server.started:
         assert time.monotonic() < deadline, "server did not start"
         time.sleep(0.02)
-    return Running(f"http://127.0.0.1:{port}", state, engine), server, thread
+    return f"http://127.0.0.1:{port}", server, thread
 
 
 def stop_server(server: uvicorn.Server, thread: threading.Thread, engine: Engine) -> None:

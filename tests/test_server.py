@@ -8,19 +8,17 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 import mistral7b
-from mistral7b.server.app import ServerState, create_app
+from mistral7b.server.app import ServerState
 from tests.conftest import wait_until
-from tests.serving import CHUNK, Running, free_port, start_server, stop_server
+from tests.serving import CHUNK, Running, free_port, serve_app, start_server, stop_server
 
 QUESTIONS = ["What is the capital of France?", "Name a prime number.", "What is 2 + 2?",
              "Say hello in Spanish.", "What colour is the sky?", "Name a planet.",
@@ -267,15 +265,11 @@ def test_queue_full_gets_429(llm: mistral7b.LLM) -> None:
 
 def test_not_ready_is_503(llm: mistral7b.LLM) -> None:
     state = ServerState(model_name="x")          # never attached: still "loading"
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(state), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    assert wait_until(lambda: server.started, 30)
+    url, server, thread = serve_app(state)
     try:
-        r = httpx.get(f"http://127.0.0.1:{port}/health")
+        r = httpx.get(f"{url}/health")
         assert r.status_code == 503 and r.json() == {"status": "loading"}
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi"})
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi"})
         assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
     finally:
         server.should_exit = True
