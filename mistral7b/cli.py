@@ -1,29 +1,37 @@
 """The `mistral7b` command: one dispatcher over the subcommands.
 
-A user mistake (wrong path, corrupt file, bad option value) prints one line starting with
-"mistral7b: error:" and exits with status 2; no traceback.
+A user mistake (wrong path, corrupt file, bad option value, a device that is not there) prints
+one line starting with "mistral7b: error:" and exits with status 2; no traceback. Text from the
+command line and stdin goes through text.clean_text / clean_bytes first, so bytes that are not
+UTF-8 become U+FFFD instead of a UnicodeError.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mistral7b import __version__
 from mistral7b.errors import ContextLengthError, InvalidArgumentError, Mistral7BError
+from mistral7b.text import clean_bytes, clean_text
 
 if TYPE_CHECKING:
     from mistral7b.generate import StreamPiece
     from mistral7b.llm import LLM
     from mistral7b.sampling import SamplingParams
 
+API_KEY_ENV = "MISTRAL7B_API_KEY"     # serve's --api-key from the environment, hidden from `ps`
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+
+def _add_model_args(p: argparse.ArgumentParser, threads: bool = True) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="a .gguf file, or a Mistral native or Hugging Face directory "
                         "(default: the embedded SmolLM2-135M-Instruct Q4_1)")
@@ -42,11 +50,31 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="matmul dtype of quantized weights during pre-fill; bfloat16 is ~2.5x "
                         "faster on CPUs with AVX512-BF16/AMX but less exact (default: float32)")
+    if threads:   # bench has its own -t/--threads list
+        p.add_argument("--threads", "-t", type=int, default=torch_threads(), metavar="N",
+                       help="CPU threads (default: all cores, here %(default)s)")
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    """Fail with one line naming the devices that exist before a command waits on stdin or
+    starts a server (load() checks it too)."""
+    from mistral7b.device import resolve_device
+
+    resolve_device(args.device)
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    threads = getattr(args, "threads", None)
+    if isinstance(threads, int):
+        if threads < 1:
+            raise InvalidArgumentError(f"--threads must be >= 1 (got {threads})")
+        torch_set_threads(threads)
 
 
 def _load(args: argparse.Namespace, progress: bool = True) -> LLM:
     import mistral7b
 
+    _set_threads(args)                  # load() checks the device before anything else
     return mistral7b.load(args.model, dtype=args.dtype, device=args.device, progress=progress,
                           sliding_window=args.sliding_window,
                           dequantize=getattr(args, "dequantize", False), quantize=args.quantize,
@@ -82,7 +110,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> Non
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", "-n", type=int, default=max_tokens,
                    help=f"tokens to generate at most (default: {max_tokens})")
-    g.add_argument("--temperature", "-t", type=float, default=0.7, help="0 = greedy")
+    g.add_argument("--temperature", "--temp", type=float, default=0.7,
+                   help="0 = greedy (default: 0.7)")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * max prob")
@@ -104,10 +133,17 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+        seed=args.seed, stop=tuple(clean_text(s) for s in args.stop), ignore_eos=args.ignore_eos)
 
 
-def _stream_to_stdout(pieces: Iterator[StreamPiece], stats: bool) -> tuple[str, bool]:
+def _report_length(finish_reason: str | None, max_tokens: int) -> None:
+    """Say on stderr (stdout keeps only the text) that an answer was cut off by --max-tokens."""
+    if finish_reason == "length":
+        print(f"[stopped: --max-tokens {max_tokens} reached]", file=sys.stderr, flush=True)
+
+
+def _stream_to_stdout(pieces: Iterator[StreamPiece], stats: bool, max_tokens: int
+                      ) -> tuple[str, bool]:
     """Print pieces as they come; Ctrl-C stops the answer (not the program). Returns the text
     printed and whether it was interrupted."""
     start = time.perf_counter()
@@ -115,12 +151,14 @@ def _stream_to_stdout(pieces: Iterator[StreamPiece], stats: bool) -> tuple[str, 
     n = 0
     text = []
     interrupted = False
+    finish_reason: str | None = None
     try:
         for piece in pieces:
             if first is None:
                 first = time.perf_counter()
             n += len(piece.token_ids)
             text.append(piece.text)
+            finish_reason = piece.finish_reason or finish_reason
             sys.stdout.write(piece.text)
             sys.stdout.flush()
     except KeyboardInterrupt:
@@ -128,6 +166,7 @@ def _stream_to_stdout(pieces: Iterator[StreamPiece], stats: bool) -> tuple[str, 
         sys.stdout.write(" [interrupted]")
     sys.stdout.write("\n")
     sys.stdout.flush()
+    _report_length(finish_reason, max_tokens)
     if stats and first is not None:
         decode = time.perf_counter() - first
         print(f"[{n} tokens; first token after {first - start:.2f} s; "
@@ -136,19 +175,38 @@ def _stream_to_stdout(pieces: Iterator[StreamPiece], stats: bool) -> tuple[str, 
     return "".join(text), interrupted
 
 
+STDIN_HINT = "mistral7b: reading the prompt from stdin (finish with Ctrl-D)"
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling_params(args)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    _check_device(args)
+    if args.prompt is not None:
+        prompt = clean_text(args.prompt)
+    else:
+        if sys.stdin.isatty():
+            print(STDIN_HINT, file=sys.stderr, flush=True)
+        prompt = clean_bytes(sys.stdin.buffer.read())
     llm = _load(args)
     sys.stdout.write(prompt if args.echo else "")
     _, interrupted = _stream_to_stdout(
         llm.stream_generate(prompt, params, chunk_size=args.chunk_size,
-                            safe_prompt=args.safe_prompt), args.stats)
+                            safe_prompt=args.safe_prompt), args.stats, params.max_tokens)
     return 130 if interrupted else 0
 
 
-CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), " \
-            "/exit (or Ctrl-D); Ctrl-C stops an answer"
+CHAT_HELP = "commands: /help (this list), /reset (forget the conversation), /system TEXT (set " \
+            "the system prompt and start over), /exit (or Ctrl-D); Ctrl-C stops an answer"
+
+
+def _line_editing() -> None:
+    """Arrow keys, editing and history for input() at a terminal (readline is missing on some
+    platforms, e.g. Windows: then input() works without them)."""
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (importing it is what turns it on for input())
+        except ImportError:
+            pass
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -157,44 +215,51 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from mistral7b.guardrails.safety import with_safety_prompt
 
     params = _sampling_params(args)
+    one_shot = clean_text(args.prompt) if args.prompt is not None else None
+    if one_shot is not None and not one_shot.strip():
+        raise InvalidArgumentError("--prompt: empty (no message to answer)")
     llm = _load(args)
-    system = args.system
+    system = clean_text(args.system) if args.system is not None else None
     history: list[dict[str, str]] = []
 
     check_input = args.moderate in ("input", "both")
     check_output = args.moderate in ("output", "both")
 
-    def answer(user: str) -> bool:
+    def answer(user: str) -> None:
+        """Answer `user`; a ContextLengthError means the conversation no longer fits."""
         messages = ([{"role": "system", "content": system}] if system else []) + history
         messages.append({"role": "user", "content": user})
         if args.safe_prompt:
             messages = with_safety_prompt(messages)
         prompt = llm.tokenizer.encode_chat(messages)
-        try:
-            check_prompt(llm.config, prompt, params.max_tokens)
-        except ContextLengthError as e:
-            print(f"mistral7b: the conversation no longer fits: {e}. Use /reset to start over.",
-                  file=sys.stderr)
-            return False
+        check_prompt(llm.config, prompt, params.max_tokens)
         verdict = llm.moderate(user, "user") if check_input else None
         if verdict is not None and verdict.flagged:
             text = refusal_message(verdict)
             print(text)
         elif check_output:   # the answer is judged whole before it is shown
-            text = llm.generate(prompt, params, chunk_size=args.chunk_size).text
+            result = llm.generate(prompt, params, chunk_size=args.chunk_size)
+            text = result.text
             verdict = llm.moderate(text, "assistant") if text.strip() else None
             if verdict is not None and verdict.flagged:
                 text = refusal_message(verdict)
             print(text)
+            if verdict is None or not verdict.flagged:
+                _report_length(result.finish_reason, params.max_tokens)
         else:
             text, _ = _stream_to_stdout(
-                llm.stream_generate(prompt, params, chunk_size=args.chunk_size), args.stats)
+                llm.stream_generate(prompt, params, chunk_size=args.chunk_size), args.stats,
+                params.max_tokens)
         history.extend([{"role": "user", "content": user}, {"role": "assistant", "content": text}])
-        return True
 
-    if args.prompt is not None:
-        return 0 if answer(args.prompt) else 2
+    if one_shot is not None:
+        answer(one_shot)    # errors, a prompt too long included, are one line and status 2
+        return 0
 
+    # Lines that are not UTF-8 arrive as surrogate escapes, and clean_text makes them U+FFFD.
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
+    _line_editing()
     print(f"Chatting with {llm.path.name if llm.path else 'the model'}. {CHAT_HELP}",
           file=sys.stderr)
     while True:
@@ -206,12 +271,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print("\n(Ctrl-D or /exit to quit)", file=sys.stderr)
             continue
-        line = line.strip()
+        line = clean_text(line).strip()
         if not line:
             continue
         if line in ("/exit", "/quit"):
             return 0
-        if line == "/reset":
+        if line == "/help":
+            print(CHAT_HELP, file=sys.stderr)
+        elif line == "/reset":
             history.clear()
             print("(conversation cleared)", file=sys.stderr)
         elif line.startswith("/system"):
@@ -224,6 +291,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         else:
             try:
                 answer(line)
+            except ContextLengthError as e:
+                print(f"mistral7b: the conversation no longer fits: {e}. Use /reset to start "
+                      "over.", file=sys.stderr)
             except Mistral7BError as e:
                 print(f"mistral7b: error: {e}", file=sys.stderr)
 
@@ -338,10 +408,10 @@ def cmd_moderate(args: argparse.Namespace) -> int:
                                                            f"{report.n} prompts")
         print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
         return 0
-    texts = list(args.text)
+    texts = [clean_text(t) for t in args.text]
     if args.file:
         if args.file == "-":
-            lines = sys.stdin.read().splitlines()
+            lines = clean_bytes(sys.stdin.buffer.read()).splitlines()
         else:
             path = Path(args.file)
             if not path.is_file():
@@ -363,22 +433,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.model is not None and not Path(args.model).exists():
         raise InvalidArgumentError(f"--model {args.model}: no such file or directory")
-    name = args.model_name or (Path(args.model).name if args.model
-                               else default_model_path().name)
-    options = ServeOptions(host=args.host, port=args.port, api_key=args.api_key,
+    _check_device(args)
+    _set_threads(args)      # here too: the threads the server starts inherit it
+    names = [clean_text(n) for n in args.served_model_names or []] or [
+        Path(args.model).name if args.model else default_model_path().name]
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    options = ServeOptions(host=args.host, port=args.port, api_key=api_key,
                            max_batch=args.max_batch, max_queue=args.max_queue,
                            prefill_chunk=args.prefill_chunk, drain_timeout=args.drain_timeout,
-                           safe_prompt=args.safe_prompt, moderate=args.moderate)
-    return serve(lambda: _load(args, progress=False), name, options)
+                           safe_prompt=args.safe_prompt, moderate=args.moderate,
+                           served_model_names=names, max_request_bytes=args.max_request_bytes,
+                           access_log=not args.quiet)
+    return serve(lambda: _load(args, progress=False), options)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mistral7b", description="Run Mistral-family models.")
+    parser.add_argument("--version", action="version", version=f"mistral7b {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
     _add_model_args(gen)
-    gen.add_argument("--prompt", "-p", default=None, help="prompt text (default: read stdin)")
+    gen.add_argument("--prompt", "-p", default=None,
+                     help="prompt text (default: read stdin until end of file, Ctrl-D at a "
+                          "terminal)")
     gen.add_argument("--echo", action="store_true", help="print the prompt before the answer")
     gen.add_argument("--stats", action="store_true", help="print timing to stderr")
     _add_safety_args(gen, moderation=False)
@@ -397,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     bench = sub.add_parser("bench", help="prefill (pp) and decode (tg) speed, like llama-bench")
-    _add_model_args(bench)
+    _add_model_args(bench, threads=False)
     bench.add_argument("--dequantize", action="store_true",
                        help="expand quantized GGUF weights to --dtype (the unquantized path)")
     bench.add_argument("-p", "--n-prompt", type=_int_list, default=[128], metavar="N[,N]",
@@ -431,9 +509,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="(default: 8000)")
     serve.add_argument("--api-key", default=None,
                        help="require `Authorization: Bearer KEY` on /v1/*, /tokenize and "
-                            "/detokenize (default: none)")
-    serve.add_argument("--model-name", default=None,
-                       help="model id reported by /v1/models (default: the file or folder name)")
+                            f"/detokenize (default: ${API_KEY_ENV} if set, which keeps the key "
+                            "out of `ps`; else none)")
+    serve.add_argument("--served-model-name", "--model-name", action="append", default=None,
+                       dest="served_model_names", metavar="NAME",
+                       help="model id reported by /v1/models (default: the file or folder "
+                            "name); repeat it to add aliases that requests may name")
+    # 4 MiB, ServeOptions' default (a test checks; importing it here costs fastapi)
+    serve.add_argument("--max-request-bytes", type=int, default=4 * 2**20, metavar="N",
+                       help="largest request body; bigger ones get 413 (default: 4194304, 4 MiB)")
+    serve.add_argument("--quiet", "-q", action="store_true",
+                       help="no access log line per request")
     serve.add_argument("--max-batch", type=int, default=16,
                        help="sequences generated at once; each holds one cache row (default: 16)")
     serve.add_argument("--max-queue", type=int, default=256,

@@ -48,13 +48,18 @@ def default_chunk_size(config: ModelConfig) -> int:
     return config.sliding_window or 4096
 
 
-def check_prompt(config: ModelConfig, prompt: Sequence[int], max_tokens: int = 0) -> None:
+def check_prompt(config: ModelConfig, prompt: Sequence[int], max_tokens: int = 0,
+                 logit_bias: Sequence[tuple[int, float]] = ()) -> None:
     """Refuse what the model cannot run, before any work: never truncate silently."""
     if len(prompt) == 0:
         raise InvalidArgumentError("prompt: empty (no tokens to condition on)")
     bad = [t for t in prompt if not 0 <= t < config.vocab_size]
     if bad:
         raise InvalidArgumentError(f"prompt: token id {bad[0]} is outside the vocabulary "
+                                   f"(0..{config.vocab_size - 1})")
+    bad = [t for t, _ in logit_bias if not 0 <= t < config.vocab_size]
+    if bad:
+        raise InvalidArgumentError(f"logit_bias: token id {bad[0]} is outside the vocabulary "
                                    f"(0..{config.vocab_size - 1})")
     if config.sliding_window is None and len(prompt) + max_tokens > config.max_seq_len:
         raise ContextLengthError(
@@ -148,7 +153,7 @@ def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]],
     """Generate for every prompt at once; yields (prompt index, piece) as tokens arrive. The last
     piece of each sequence has its finish_reason set."""
     for prompt, p in zip(prompts, params, strict=True):
-        check_prompt(model.config, prompt, p.max_tokens)
+        check_prompt(model.config, prompt, p.max_tokens, p.logit_bias)
     cache = RollingCache(model.config, rows=len(prompts), dtype=dtype,
                          device=model.device)
     seqs = [SequenceState(prompt, p, decode, eos_ids) for prompt, p in zip(prompts, params,

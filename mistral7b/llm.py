@@ -10,6 +10,7 @@ import torch
 
 from mistral7b.config import ModelConfig
 from mistral7b.default_model import default_model_path
+from mistral7b.device import resolve_device
 from mistral7b.errors import InvalidArgumentError
 from mistral7b.generate import (
     GenerationResult,
@@ -50,10 +51,11 @@ class LLM:
 
     # ---- scoring --------------------------------------------------------------------------
 
-    def logits(self, token_ids: Sequence[int], chunk_size: int | None = None) -> torch.Tensor:
-        """(T, vocab) float32 logits for every position, pre-filled in chunks (default: the
-        sliding window). Chunked, one-shot and token-by-token give the same numbers."""
-        ids = [int(t) for t in token_ids]
+    def logits(self, prompt: Prompt, chunk_size: int | None = None) -> torch.Tensor:
+        """(T, vocab) float32 logits for every position of a text (encoded with BOS, as
+        generate does) or of token ids, pre-filled in chunks (default: the sliding window).
+        Chunked, one-shot and token-by-token give the same numbers."""
+        ids = self.encode_prompt(prompt)
         check_prompt(self.config, ids)
         return all_logits(self.model, ids, self._chunk(chunk_size), self.cache_dtype)
 
@@ -63,7 +65,16 @@ class LLM:
         """Text gets the tokenizer's BOS; a list of ids is used as given."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, bos=True)
-        return [int(t) for t in prompt]
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
+            raise InvalidArgumentError(f"prompt: expected a str or a sequence of token ids "
+                                       f"(got {type(prompt).__name__})")
+        ids = []
+        for i, t in enumerate(prompt):
+            if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
+                raise InvalidArgumentError(f"prompt[{i}]: token ids must be integers (got "
+                                           f"{type(t).__name__})")
+            ids.append(int(t))
+        return ids
 
     def stream_generate(self, prompt: Prompt, params: SamplingParams | None = None,
                         chunk_size: int | None = None, safe_prompt: bool = False,
@@ -71,8 +82,8 @@ class LLM:
         """Yield pieces of text (with their token ids) as they are generated. Keyword arguments
         are SamplingParams fields: max_tokens, temperature, top_k, top_p, min_p,
         repetition_penalty, presence_penalty, frequency_penalty, seed, stop, stop_token_ids,
-        ignore_eos, logprobs, top_logprobs. safe_prompt=True puts the paper's guardrail prompt
-        and a blank line in front of a text prompt."""
+        ignore_eos, logprobs, top_logprobs, logit_bias. safe_prompt=True puts the paper's
+        guardrail prompt and a blank line in front of a text prompt."""
         params = _params(params, sampling)
         ids = self.encode_prompt(_safe_text(prompt) if safe_prompt else prompt)
         for _, piece in self._stream([ids], [params], chunk_size):
@@ -95,6 +106,11 @@ class LLM:
             per_prompt = [_params(params, sampling)] * len(prompts)
         else:
             per_prompt = list(params)
+            if len(per_prompt) != len(prompts):
+                raise InvalidArgumentError(f"params: {len(per_prompt)} SamplingParams for "
+                                           f"{len(prompts)} prompts")
+        if not prompts:
+            return []
         ids = [self.encode_prompt(p) for p in prompts]
         parts: list[list[StreamPiece]] = [[] for _ in prompts]
         for i, piece in self._stream(ids, per_prompt, chunk_size):
@@ -118,9 +134,21 @@ class LLM:
         """Answer an OpenAI-style conversation ([{"role": ..., "content": ...}, ...]) in the
         model's chat format. safe_prompt=True makes the paper's guardrail prompt the system
         message, in front of the conversation's own system message if it has one."""
+        return self.generate(self._chat_prompt(messages, safe_prompt), params, chunk_size,
+                             **sampling)
+
+    def stream_chat(self, messages: Sequence[Message], params: SamplingParams | None = None,
+                    chunk_size: int | None = None, safe_prompt: bool = False,
+                    **sampling: Any) -> Iterator[StreamPiece]:
+        """`chat`, streamed: yields pieces of the answer as they are generated (see
+        stream_generate)."""
+        return self.stream_generate(self._chat_prompt(messages, safe_prompt), params,
+                                    chunk_size, **sampling)
+
+    def _chat_prompt(self, messages: Sequence[Message], safe_prompt: bool) -> list[int]:
         if safe_prompt:
             messages = with_safety_prompt(messages)
-        return self.generate(self.tokenizer.encode_chat(messages), params, chunk_size, **sampling)
+        return self.tokenizer.encode_chat(messages)
 
     @property
     def moderator(self) -> Moderator:
@@ -186,6 +214,7 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
     kv_cache_dtype: dtype of the rolling KV cache (default: `dtype`); "float16" halves its
     memory and the bytes attention reads per token.
     """
+    device = resolve_device(device)
     torch_dtype = parse_dtype(dtype)
     resolved = Path(path) if path is not None else default_model_path()
     fill_dtype = parse_dtype(prefill_dtype)

@@ -46,6 +46,7 @@ __all__ = [
 
 MAX_TEMPERATURE = 100.0
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0        # OpenAI's range for a logit_bias value: [-100, 100]
 _SEED_MASK = (1 << 64) - 1
 
 
@@ -128,6 +129,9 @@ class SamplingParams:
     ``min_p == 0`` disables min-p.  ``temperature == 0`` means greedy decoding.
     ``stop`` accepts a single string or any iterable of strings and
     ``stop_token_ids`` an int or any iterable of ints; both are stored as tuples.
+    ``logit_bias`` maps token ids to a value in [-100, 100] added to their logits before any
+    other processing (OpenAI's field: -100 bans a token, 100 all but forces it); a dict (ids
+    may be ints or digit strings, as JSON sends them) is stored as sorted (id, bias) pairs.
     """
 
     max_tokens: int = 256
@@ -144,6 +148,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    logit_bias: Any = ()
 
     def __post_init__(self) -> None:
         max_tokens = _require_int("max_tokens", self.max_tokens)
@@ -188,6 +193,8 @@ class SamplingParams:
         top_logprobs = _require_int("top_logprobs", self.top_logprobs)
         _check_range("top_logprobs", top_logprobs, 0, MAX_TOP_LOGPROBS)
 
+        object.__setattr__(self, "logit_bias", self._normalise_logit_bias(self.logit_bias))
+
     @staticmethod
     def _normalise_stop(value: object) -> tuple[str, ...]:
         if value is None:
@@ -225,6 +232,35 @@ class SamplingParams:
                     f"stop_token_ids entries must be integers >= 0 (got {item!r})"
                 )
         return items
+
+    @staticmethod
+    def _normalise_logit_bias(value: object) -> tuple[tuple[int, float], ...]:
+        if value is None:
+            return ()
+        if isinstance(value, dict):
+            items: list[Any] = list(value.items())
+        elif isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+            items = list(value)
+        else:
+            raise InvalidSamplingParam(
+                f"logit_bias must map token ids to numbers (got {value!r})"
+            )
+        pairs: dict[int, float] = {}
+        for item in items:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise InvalidSamplingParam(f"logit_bias entries must be (token id, bias) "
+                                           f"pairs (got {item!r})")
+            key, bias = item
+            if isinstance(key, str) and key.strip().isdigit():
+                key = int(key)
+            if not _is_int(key) or key < 0:
+                raise InvalidSamplingParam(
+                    f"logit_bias keys must be token ids >= 0 (got {key!r})"
+                )
+            number = _require_number(f"logit_bias[{key}]", bias)
+            _check_range(f"logit_bias[{key}]", number, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+            pairs[key] = number
+        return tuple(sorted(pairs.items()))
 
     @property
     def greedy(self) -> bool:
@@ -367,8 +403,18 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def make_logits_processors(params: SamplingParams) -> list[LogitsProcessor]:
-    """Return the active penalty processors for ``params``, in application order."""
+    """Return the active processors for ``params`` (logit bias, then penalties), in
+    application order."""
     processors: list[LogitsProcessor] = []
+    if params.logit_bias:
+        ids = torch.tensor([token for token, _ in params.logit_bias], dtype=torch.long)
+        biases = torch.tensor([bias for _, bias in params.logit_bias], dtype=torch.float32)
+
+        def logit_bias(logits: torch.Tensor, history: TokenHistory) -> torch.Tensor:
+            # ids were checked against the vocabulary when the request was accepted
+            return logits.index_add(-1, ids.to(logits.device), biases.to(logits.device))
+
+        processors.append(logit_bias)
     if params.repetition_penalty != 1.0:
         penalty = params.repetition_penalty
 

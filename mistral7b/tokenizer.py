@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mistral7b.errors import InvalidArgumentError, TokenizerError
+from mistral7b.text import clean_text
 
 Message = dict[str, str]
 
@@ -29,19 +30,28 @@ class Tokenizer(Protocol):
     def encode_chat(self, messages: Sequence[Message]) -> list[int]: ...
 
 
-def validate_messages(messages: Sequence[Message]) -> None:
-    """The OpenAI-style shape every chat format needs; roles order is checked by the format."""
+# OpenAI's newer clients send the system prompt with role "developer".
+ROLE_ALIASES = {"developer": "system"}
+
+
+def normalize_messages(messages: Sequence[Message]) -> list[Message]:
+    """The OpenAI-style shape every chat format needs, checked (roles order is checked by the
+    format), with role aliases resolved and text cleaned of lone surrogates (text.py)."""
     if not messages:
         raise InvalidArgumentError("messages: the conversation is empty")
+    out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise InvalidArgumentError(f"messages[{i}]: expected an object with `role` and "
                                        "`content`")
-        if m["role"] not in ("system", "user", "assistant"):
+        role = ROLE_ALIASES.get(m["role"], m["role"])
+        if role not in ("system", "user", "assistant"):
             raise InvalidArgumentError(f"messages[{i}].role: unknown role {m['role']!r}; "
-                                       "expected system, user or assistant")
+                                       "expected system (or developer), user or assistant")
         if not isinstance(m["content"], str):
             raise InvalidArgumentError(f"messages[{i}].content: expected a string")
+        out.append({**m, "role": role, "content": clean_text(m["content"])})
+    return out
 
 
 class MistralCommonTokenizer:
@@ -61,7 +71,7 @@ class MistralCommonTokenizer:
         self.eos_ids = frozenset({int(self._raw.eos_id)})
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return list(self._raw.encode(text, bos=bos, eos=eos))
+        return list(self._raw.encode(clean_text(text), bos=bos, eos=eos))
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._raw.decode(list(ids)))
@@ -79,7 +89,7 @@ class MistralCommonTokenizer:
         )
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-        validate_messages(messages)
+        messages = normalize_messages(messages)
         if str(self._raw.version).lower().endswith("v1"):
             # mistral-common's v1 encoder joins two user turns in a row and accepts roles out
             # of order; the v1 format does not allow them, and our GGUF v1 encoder refuses them.
@@ -129,7 +139,7 @@ class BackendTokenizer:
         return self._tok
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        ids = list(self._tok.encode(text, add_special_tokens=False).ids)
+        ids = list(self._tok.encode(clean_text(text), add_special_tokens=False).ids)
         if bos and self.add_bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         if eos and self.add_eos and self._eos_id is not None:
@@ -142,6 +152,7 @@ class BackendTokenizer:
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         from mistral7b.chat import encode_mistral_v1_chat, render_chat_template
 
+        messages = normalize_messages(messages)
         if self.mistral_v1_chat and self.bos_id is not None and self._eos_id is not None:
             return encode_mistral_v1_chat(messages, lambda text: self.encode(text, bos=False),
                                           self.bos_id, self._eos_id)

@@ -5,16 +5,20 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import openai
 import uvicorn
 
 import mistral7b
 from mistral7b.engine import Engine
-from mistral7b.server.app import ServerState, create_app
+from mistral7b.server.app import create_app
+from mistral7b.server.state import ServerState
 
 CHUNK = 64   # the engine's pre-fill chunk in these tests
+MODEL = "smollm2-test"   # the model name the test servers serve
 
 
 def free_port() -> int:
@@ -33,23 +37,29 @@ class Running:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
 
 
-def start_server(llm: mistral7b.LLM, start_engine: bool = True, **engine_args: int
+def start_server(llm: mistral7b.LLM, start_engine: bool = True,
+                 state_args: dict[str, Any] | None = None,
+                 server_class: Callable[..., uvicorn.Server] = uvicorn.Server, **engine_args: int
                  ) -> tuple[Running, uvicorn.Server, threading.Thread]:
+    """`state_args` go to ServerState; `server_class(config, state)` builds the server."""
     engine = Engine(llm.model, llm.tokenizer, **{"max_batch": 16, "max_queue": 64,
                                                  "prefill_chunk": CHUNK, **engine_args})
     if start_engine:
         engine.start()
-    state = ServerState(model_name="smollm2-test", keepalive=0.05, disconnect_poll=0.05)
+    state = ServerState(**{"model_name": MODEL, "keepalive": 0.05, "disconnect_poll": 0.05,
+                           **(state_args or {})})
     state.attach(llm, engine)
-    url, server, thread = serve_app(state)
+    url, server, thread = serve_app(state, server_class)
     return Running(url, state, engine), server, thread
 
 
-def serve_app(state: ServerState) -> tuple[str, uvicorn.Server, threading.Thread]:
+def serve_app(state: ServerState, server_class: Callable[..., uvicorn.Server] = uvicorn.Server
+              ) -> tuple[str, uvicorn.Server, threading.Thread]:
     """The API of `state` on a free local port, in a thread; returns its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    config = uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning")
+    server = (server_class(config) if server_class is uvicorn.Server
+              else server_class(config, state))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -71,7 +71,7 @@ def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
 
 
 def test_chat_prompt_streams_one_answer(llm) -> None:
-    proc = run_cli("chat", "--prompt", QUESTION[0]["content"], "-n", "24", "-t", "0")
+    proc = run_cli("chat", "--prompt", QUESTION[0]["content"], "-n", "24", "--temperature", "0")
     assert proc.returncode == 0, proc.stderr
     expected = llm.chat(QUESTION, max_tokens=24, temperature=0).text
     assert proc.stdout == expected + "\n"
@@ -80,7 +80,7 @@ def test_chat_prompt_streams_one_answer(llm) -> None:
 def test_chat_repl_keeps_history_and_understands_commands(llm) -> None:
     script = "What is the capital of France?\n/system Answer in French.\nHello\n/reset\n" \
              "/bogus\n/exit\n"
-    proc = run_cli("chat", "-n", "12", "-t", "0", stdin=script)
+    proc = run_cli("chat", "-n", "12", "--temperature", "0", stdin=script)
     assert proc.returncode == 0, proc.stderr
     first = llm.chat(QUESTION, max_tokens=12, temperature=0).text
     second = llm.chat([{"role": "system", "content": "Answer in French."},
@@ -92,7 +92,7 @@ def test_chat_repl_keeps_history_and_understands_commands(llm) -> None:
 
 
 def test_chat_repl_second_turn_sees_the_first(llm) -> None:
-    proc = run_cli("chat", "-n", "10", "-t", "0", stdin="Hi\nAnd then?\n")
+    proc = run_cli("chat", "-n", "10", "--temperature", "0", stdin="Hi\nAnd then?\n")
     first = llm.chat([{"role": "user", "content": "Hi"}], max_tokens=10, temperature=0).text
     second = llm.chat([{"role": "user", "content": "Hi"},
                        {"role": "assistant", "content": first},
@@ -105,14 +105,15 @@ def test_chat_repl_second_turn_sees_the_first(llm) -> None:
 def test_conversation_too_long_for_the_context_is_a_clear_message() -> None:
     proc = run_cli("chat", "--prompt", "hello", "--max-tokens", "9000")
     assert proc.returncode == 2
-    assert "no longer fits" in proc.stderr and "8192" in proc.stderr
+    assert proc.stderr.startswith("mistral7b: error: ")
+    assert "exceeds the model's context length" in proc.stderr and "8192" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.skipif(os.name != "posix", reason="needs SIGINT")
 def test_ctrl_c_stops_the_answer_not_the_program() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "mistral7b", "chat", "-n", "8000",
-                             "--ignore-eos", "-t", "1.0", "--seed", "0"],
+                             "--ignore-eos", "--temperature", "1.0", "--seed", "0"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     try:

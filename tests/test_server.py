@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,9 +18,11 @@ import openai
 import pytest
 
 import mistral7b
-from mistral7b.server.app import ServerState
+from mistral7b.engine import Engine
+from mistral7b.server.serve import DrainingServer
+from mistral7b.server.state import ServerState
 from tests.conftest import wait_until
-from tests.serving import CHUNK, Running, free_port, serve_app, start_server, stop_server
+from tests.serving import CHUNK, MODEL, Running, free_port, serve_app, start_server, stop_server
 
 QUESTIONS = ["What is the capital of France?", "Name a prime number.", "What is 2 + 2?",
              "Say hello in Spanish.", "What colour is the sky?", "Name a planet.",
@@ -64,7 +68,7 @@ def test_chat_completion(srv: Running, llm: mistral7b.LLM) -> None:
 
 
 def test_chat_stream_equals_non_stream(srv: Running) -> None:
-    kwargs = dict(model="m", temperature=0, max_tokens=32,
+    kwargs = dict(model=MODEL, temperature=0, max_tokens=32,
                   messages=[{"role": "user", "content": "Tell me about the Moon."}])
     whole = srv.client().chat.completions.create(**kwargs)  # type: ignore[call-overload]
     chunks = list(srv.client().chat.completions.create(
@@ -80,7 +84,7 @@ def test_chat_stream_equals_non_stream(srv: Running) -> None:
 
 def test_completion_with_logprobs_and_echo(srv: Running, llm: mistral7b.LLM) -> None:
     prompt = "The three primary colours are"
-    r = srv.client().completions.create(model="m", prompt=prompt, temperature=0, max_tokens=12,
+    r = srv.client().completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=12,
                                         logprobs=3, echo=True,
                                         extra_body={"ignore_eos": True})
     choice = r.choices[0]
@@ -101,7 +105,7 @@ def test_completion_stream_and_stop_string(srv: Running, llm: mistral7b.LLM) -> 
     full = llm.generate(prompt, temperature=0, max_tokens=30, ignore_eos=True,
                         chunk_size=CHUNK).text
     word = full.split()[4]
-    chunks = list(srv.client().completions.create(model="m", prompt=prompt, temperature=0,
+    chunks = list(srv.client().completions.create(model=MODEL, prompt=prompt, temperature=0,
                                                   max_tokens=30, stop=[word], stream=True,
                                                   extra_body={"ignore_eos": True}))
     text = "".join(c.choices[0].text for c in chunks)
@@ -111,7 +115,7 @@ def test_completion_stream_and_stop_string(srv: Running, llm: mistral7b.LLM) -> 
 
 def test_several_prompts_in_one_completion_request(srv: Running, llm: mistral7b.LLM) -> None:
     prompts = ["The capital of France is", "Once upon a time"]
-    r = srv.client().completions.create(model="m", prompt=prompts, n=2, temperature=0,
+    r = srv.client().completions.create(model=MODEL, prompt=prompts, n=2, temperature=0,
                                         max_tokens=8, extra_body={"ignore_eos": True})
     assert [c.index for c in r.choices] == [0, 1, 2, 3]        # prompt k // n, choice k % n
     for k, choice in enumerate(r.choices):
@@ -127,7 +131,7 @@ def test_several_prompts_in_one_completion_request(srv: Running, llm: mistral7b.
 
 def test_n_choices_and_chat_logprobs(srv: Running) -> None:
     r = srv.client().chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "Write a word."}], n=2,
+        model=MODEL, messages=[{"role": "user", "content": "Write a word."}], n=2,
         temperature=1.0, seed=7, max_tokens=8, logprobs=True, top_logprobs=2)
     assert [c.index for c in r.choices] == [0, 1]
     assert r.usage is not None
@@ -137,7 +141,7 @@ def test_n_choices_and_chat_logprobs(srv: Running) -> None:
         for item in c.logprobs.content or []:                        # type: ignore[union-attr]
             assert item.logprob <= 0 and len(item.top_logprobs) == 2
     again = srv.client().chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "Write a word."}], n=2,
+        model=MODEL, messages=[{"role": "user", "content": "Write a word."}], n=2,
         temperature=1.0, seed=7, max_tokens=8)
     assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]
 
@@ -146,7 +150,7 @@ def test_sixteen_concurrent_streams_get_their_solo_text(srv: Running,
                                                         llm: mistral7b.LLM) -> None:
     def ask(question: str) -> str:
         stream = srv.client().chat.completions.create(
-            model="m", messages=[{"role": "user", "content": question}], temperature=0,
+            model=MODEL, messages=[{"role": "user", "content": question}], temperature=0,
             max_tokens=40, stream=True)
         return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
@@ -172,7 +176,7 @@ def test_models_health_metrics_tokenize(srv: Running, llm: mistral7b.LLM) -> Non
     assert chat["tokens"] == llm.tokenizer.encode_chat([{"role": "user", "content": "Hi"}])
     bad = httpx.post(f"{srv.url}/detokenize", json={"tokens": [10**9]})
     assert bad.status_code == 400 and "outside the vocabulary" in bad.json()["error"]["message"]
-    srv.client().completions.create(model="m", prompt="Hi", max_tokens=3, temperature=0)
+    srv.client().completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=0)
     metrics = httpx.get(f"{srv.url}/metrics").text
     assert 'mistral7b_requests_total{route="/v1/completions",status="200"}' in metrics
     for name in ("mistral7b_prompt_tokens_total", "mistral7b_generation_tokens_total",
@@ -202,7 +206,7 @@ def test_models_health_metrics_tokenize(srv: Running, llm: mistral7b.LLM) -> Non
 ])
 def test_invalid_fields_get_400_naming_the_field(srv: Running, body: dict, param: str,
                                                  words: str) -> None:
-    request = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **body}
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **body}
     r = httpx.post(f"{srv.url}/v1/chat/completions", json=request)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
@@ -325,9 +329,12 @@ def test_keepalive_comments_during_a_long_prefill(srv: Running, llm: mistral7b.L
 
 
 def test_sigterm_drains_running_requests_and_exits_0(tmp_path: object) -> None:
+    # A generous drain timeout and a short answer: the outcome must not depend on how fast
+    # (or loaded) the machine is.
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mistral7b", "serve", "--port", str(port), "--max-batch", "2"],
+        [sys.executable, "-m", "mistral7b", "serve", "--port", str(port), "--max-batch", "2",
+         "--drain-timeout", "300"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -339,7 +346,7 @@ def test_sigterm_drains_running_requests_and_exits_0(tmp_path: object) -> None:
                 return False
 
         assert wait_until(healthy, 120), "server did not become healthy"
-        body = {"prompt": "Count:", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        body = {"prompt": "Count:", "max_tokens": 16, "ignore_eos": True, "stream": True}
         texts: list[str] = []
         finish = None
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
@@ -351,12 +358,298 @@ def test_sigterm_drains_running_requests_and_exits_0(tmp_path: object) -> None:
                     proc.send_signal(signal.SIGTERM)        # mid-stream
                 texts.append(chunk["choices"][0]["text"])
                 finish = chunk["choices"][0]["finish_reason"] or finish
-        assert finish == "length"
-        with pytest.raises(httpx.HTTPError):               # no new connections are accepted
-            httpx.get(f"{url}/health", timeout=2)
-        assert proc.wait(timeout=60) == 0
+        assert finish == "length" and len(texts) == 16
+        assert proc.wait(timeout=120) == 0
         assert "shutting down" in (proc.stderr.read() if proc.stderr else "")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _gate_engine(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Hold the engine's steps until the returned event is set: requests stay running for as
+    long as a test needs, however fast the machine."""
+    gate = threading.Event()
+    real_step = engine._step
+
+    def step(running: list) -> None:
+        if gate.is_set():
+            real_step(running)
+        else:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(engine, "_step", step)
+    return gate
+
+
+def _stream_events(url: str, body: dict) -> list[str]:
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+        return [line for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def test_drain_keeps_the_listener_open_with_503_and_finishes_running_streams(
+        llm: mistral7b.LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    running, server, thread = start_server(
+        llm, server_class=lambda config, state: DrainingServer(config, state, 300))
+    gate = _gate_engine(running.engine, monkeypatch)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            stream = pool.submit(_stream_events, running.url,
+                                 {"prompt": "Count:", "max_tokens": 5, "ignore_eos": True,
+                                  "stream": True})
+            assert wait_until(lambda: running.engine.stats().running == 1, 60)
+            assert isinstance(server, DrainingServer)
+            server.begin_drain()
+            # New connections are still accepted, and told to go elsewhere.
+            r = httpx.get(f"{running.url}/health", timeout=30)
+            assert r.status_code == 503 and r.json() == {"status": "draining"}
+            r = httpx.post(f"{running.url}/v1/completions", json={"prompt": "hi"}, timeout=30)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
+            gate.set()
+            events = stream.result(timeout=120)
+        chunks = [json.loads(e[6:]) for e in events if e != "data: [DONE]"]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert events[-1] == "data: [DONE]"
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the server did not stop after the drain"
+    finally:
+        gate.set()
+        stop_server(server, thread, running.engine)
+
+
+def test_a_drain_that_times_out_ends_streams_with_an_error_event(
+        llm: mistral7b.LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    running, server, thread = start_server(
+        llm, server_class=lambda config, state: DrainingServer(config, state, 0.5))
+    gate = _gate_engine(running.engine, monkeypatch)     # never opens: the drain times out
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            stream = pool.submit(_stream_events, running.url,
+                                 {"prompt": "Count:", "max_tokens": 5, "stream": True})
+            assert wait_until(lambda: running.engine.stats().running == 1, 60)
+            assert isinstance(server, DrainingServer)
+            server.begin_drain()
+            events = stream.result(timeout=120)
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2][6:])["error"]
+        assert error["type"] == "server_error" and "shut down" in error["message"]
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    finally:
+        gate.set()
+        stop_server(server, thread, running.engine)
+
+
+# ---- error shapes, models, roles and fields ------------------------------------------------
+
+def _error_of(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}, body                    # OpenAI's shape, never {"detail"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return dict(body["error"])
+
+
+def test_unknown_route_method_and_bad_bodies_answer_in_openai_shape(srv: Running) -> None:
+    error = _error_of(httpx.get(f"{srv.url}/v1/nothing"), 404)
+    assert "/v1/nothing" in error["message"] and error["code"] == "not_found"
+    r = httpx.get(f"{srv.url}/v1/chat/completions")
+    error = _error_of(r, 405)
+    assert "GET" in error["message"] and "POST" in r.headers.get("allow", "")
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    error = _error_of(httpx.post(f"{srv.url}/v1/chat/completions",
+                                 json={**chat, "stream": "yes"}), 400)
+    assert error["param"] == "stream"                      # not "body": "stream" starts with "str"
+    error = _error_of(httpx.post(f"{srv.url}/v1/chat/completions",
+                                 json={**chat, "stream_options": {"include_usage": "x"}}), 400)
+    assert error["param"] == "stream_options.include_usage"
+
+
+def test_raw_invalid_utf8_and_lone_surrogates_become_replacement_characters(
+        srv: Running, llm: mistral7b.LLM) -> None:
+    body = b'{"model": "smollm2-test", "max_tokens": 2, "temperature": 0, "messages": ' \
+           b'[{"role": "user", "content": "Hi \xff\xfe there"}]}'
+    r = httpx.post(f"{srv.url}/v1/chat/completions", content=body,
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 200, r.text
+    expected = llm.tokenizer.encode_chat([{"role": "user", "content": "Hi \ufffd\ufffd there"}])
+    assert r.json()["usage"]["prompt_tokens"] == len(expected)
+    # A JSON string may carry a lone surrogate escape: the same rule applies.
+    r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=60,
+                   content=b'{"max_tokens": 2, "messages": [{"role": "user", '
+                           b'"content": "Hi \\udc80 there"}]}',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    r = httpx.post(f"{srv.url}/tokenize", content=b'{"prompt": "Hi \\udc80"}',
+                   headers={"content-type": "application/json"})
+    assert r.json()["tokens"] == llm.tokenizer.encode("Hi \ufffd")
+
+
+def test_unknown_model_is_404_and_models_can_be_retrieved(srv: Running) -> None:
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    error = _error_of(httpx.post(f"{srv.url}/v1/chat/completions",
+                                 json={**chat, "model": "gpt-4o"}), 404)
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "gpt-4o" in error["message"] and MODEL in error["message"]
+    error = _error_of(httpx.post(f"{srv.url}/v1/completions",
+                                 json={"prompt": "hi", "model": "gpt-4o"}), 404)
+    assert error["code"] == "model_not_found"
+    assert srv.client().models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        srv.client().models.retrieve("gpt-4o")
+    # Leaving `model` out is allowed: there is one model.
+    assert httpx.post(f"{srv.url}/v1/chat/completions", json=chat,
+                      timeout=60).status_code == 200
+
+
+def test_served_model_name_aliases(llm: mistral7b.LLM) -> None:
+    running, server, thread = start_server(llm, state_args={"aliases": ("gpt-4o", "org/m")})
+    try:
+        client = running.client()
+        assert [m.id for m in client.models.list()] == [MODEL, "gpt-4o", "org/m"]
+        assert client.models.retrieve("org/m").id == "org/m"
+        r = client.completions.create(model="gpt-4o", prompt="Hi", max_tokens=1)
+        assert r.model == "gpt-4o"
+    finally:
+        stop_server(server, thread, running.engine)
+
+
+def test_developer_role_is_the_system_role(srv: Running, llm: mistral7b.LLM) -> None:
+    def messages(role: str) -> list[dict[str, str]]:
+        return [{"role": role, "content": "Answer in French."},
+                {"role": "user", "content": "What is the capital of Spain?"}]
+
+    r = srv.client().chat.completions.create(model=MODEL, messages=messages("developer"),
+                                             temperature=0, max_tokens=8)  # type: ignore
+    expected = llm.chat(messages("system"), temperature=0, max_tokens=8, chunk_size=CHUNK)
+    assert r.choices[0].message.content == expected.text
+    assert r.usage is not None
+    assert r.usage.prompt_tokens == len(llm.tokenizer.encode_chat(messages("system")))
+    assert llm.tokenizer.encode_chat(messages("developer")) == \
+        llm.tokenizer.encode_chat(messages("system"))       # the Python API agrees
+
+
+def test_assistant_content_may_be_null_but_user_content_may_not(srv: Running) -> None:
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
+             {"role": "user", "content": "Hello?"}]
+    r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=60,
+                   json={"model": MODEL, "messages": turns, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    turns[0]["content"] = None
+    error = _error_of(httpx.post(f"{srv.url}/v1/chat/completions",
+                                 json={"model": MODEL, "messages": turns}), 400)
+    assert error["param"] == "messages[0].content" and "only assistant" in error["message"]
+
+
+def test_logit_bias_bans_and_forces_tokens(srv: Running, llm: mistral7b.LLM) -> None:
+    prompt = "The capital of France is"
+    plain = srv.client().completions.create(model=MODEL, prompt=prompt, max_tokens=4,
+                                            temperature=0)
+    first = llm.tokenizer.encode(plain.choices[0].text, bos=False)[0]
+    banned = srv.client().completions.create(model=MODEL, prompt=prompt, max_tokens=4,
+                                             temperature=0, logit_bias={str(first): -100})
+    assert llm.tokenizer.encode(banned.choices[0].text, bos=False)[0] != first
+    forced_id = llm.tokenizer.encode(" banana", bos=False)[0]
+    forced = srv.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+        temperature=0, logit_bias={str(forced_id): 100}, logprobs=True)
+    assert forced.choices[0].logprobs is not None
+    tokens = [t.token for t in forced.choices[0].logprobs.content or []]
+    assert tokens == [llm.tokenizer.decode([forced_id])] * 3
+    for bias, words in [({"1": 500}, "logit_bias[1]"), ({"x": 1}, "token ids"),
+                        ({str(10**9): 1}, "outside the vocabulary")]:
+        error = _error_of(httpx.post(f"{srv.url}/v1/completions",
+                                     json={"prompt": "hi", "logit_bias": bias}), 400)
+        assert words in error["message"] and error["param"].startswith("logit_bias"), error
+
+
+def test_suffix_and_best_of_are_refused_by_name(srv: Running) -> None:
+    for field, value in [("suffix", " the end"), ("best_of", 3)]:
+        error = _error_of(httpx.post(f"{srv.url}/v1/completions",
+                                     json={"prompt": "hi", field: value}), 400)
+        assert error["param"] == field and "not supported" in error["message"]
+    ok = httpx.post(f"{srv.url}/v1/completions", timeout=60,
+                    json={"prompt": "hi", "max_tokens": 1, "best_of": 1, "suffix": None})
+    assert ok.status_code == 200, ok.text
+
+
+# ---- body limit, tokenization off the event loop, access log ------------------------------
+
+def test_a_body_over_the_limit_is_413(llm: mistral7b.LLM) -> None:
+    running, server, thread = start_server(llm, state_args={"max_request_bytes": 1000})
+    try:
+        big = {"prompt": "x" * 2000}
+        error = _error_of(httpx.post(f"{running.url}/v1/completions", json=big), 413)
+        assert "1000 bytes" in error["message"] and "--max-request-bytes" in error["message"]
+
+        def chunked() -> Iterator[bytes]:        # no Content-Length: counted as it arrives
+            yield b'{"prompt": "'
+            for _ in range(20):
+                yield b"x" * 100
+            yield b'"}'
+
+        error = _error_of(httpx.post(f"{running.url}/v1/completions", content=chunked(),
+                                     headers={"content-type": "application/json"}), 413)
+        small = httpx.post(f"{running.url}/v1/completions", timeout=60,
+                           json={"prompt": "hi", "max_tokens": 1})
+        assert small.status_code == 200
+    finally:
+        stop_server(server, thread, running.engine)
+
+
+def test_health_answers_while_a_prompt_is_tokenized(srv: Running, llm: mistral7b.LLM,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    real = llm.tokenizer.encode_chat
+
+    def slow_encode_chat(messages: list[dict[str, str]]) -> list[int]:
+        started.set()
+        release.wait(60)                       # a huge conversation, as slow as we like
+        return real(messages)
+
+    monkeypatch.setattr(llm.tokenizer, "encode_chat", slow_encode_chat)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, f"{srv.url}/v1/chat/completions", timeout=120,
+                              json={"messages": [{"role": "user", "content": "hi"}],
+                                    "max_tokens": 1})
+        assert started.wait(60)
+        try:
+            # The event loop is free while the tokenizer works.
+            assert httpx.get(f"{srv.url}/health", timeout=30).status_code == 200
+        finally:
+            release.set()
+        assert pending.result().status_code == 200
+
+
+def test_access_log_has_one_line_per_request(llm: mistral7b.LLM,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    running, server, thread = start_server(llm, state_args={"access_log": True})
+    try:
+        with caplog.at_level(logging.INFO, logger="mistral7b.access"):
+            running.client().completions.create(model=MODEL, prompt="Hi", max_tokens=3,
+                                                temperature=0, stream=False)
+            list(running.client().completions.create(model=MODEL, prompt="Hi", max_tokens=2,
+                                                     temperature=0, stream=True))
+            httpx.get(f"{running.url}/nothing")
+            assert wait_until(lambda: len(caplog.records) >= 3, 30)
+        lines = [r.getMessage() for r in caplog.records if r.name == "mistral7b.access"]
+        assert len(lines) == 3, lines
+        assert '"POST /v1/completions" 200 in=' in lines[0] and " out=3 " in lines[0]
+        assert lines[0].startswith("127.0.0.1 ") and lines[0].endswith("s")
+        assert " out=2 " in lines[1]
+        assert '"GET /nothing" 404' in lines[2]
+    finally:
+        stop_server(server, thread, running.engine)
+    quiet, server, thread = start_server(llm, state_args={"access_log": False})
+    try:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="mistral7b.access"):
+            httpx.get(f"{quiet.url}/health")
+        assert not [r for r in caplog.records if r.name == "mistral7b.access"]
+    finally:
+        stop_server(server, thread, quiet.engine)

@@ -84,6 +84,7 @@ class _Request:
     prefilled: int = 0                   # prompt tokens already in the cache
     next_token: int | None = None        # sampled, not yet fed to the model
     cancelled: bool = False
+    abort_error: str | None = None       # why the engine ended it (stop(reason)), if it did
     done: bool = False                   # its final output was sent: nothing more goes out
     submitted: float = field(default_factory=time.monotonic)
 
@@ -129,7 +130,7 @@ class Engine:
         """Queue a request; returns its id. Raises InvalidArgumentError / ContextLengthError for
         a prompt the model cannot run, QueueFullError, or EngineClosedError."""
         ids = [int(t) for t in prompt]
-        check_prompt(self.model.config, ids, params.max_tokens)
+        check_prompt(self.model.config, ids, params.max_tokens, params.logit_bias)
         state = SequenceState(ids, params, self.tokenizer.decode, self.tokenizer.eos_ids)
         with self._lock:
             if not self._accepting:
@@ -172,13 +173,15 @@ class Engine:
                 self._lock.wait(left if left is None else min(left, 0.1))
         return True
 
-    def stop(self) -> None:
-        """Cancel whatever is left and end the engine thread."""
+    def stop(self, reason: str | None = None) -> None:
+        """Cancel whatever is left and end the engine thread. With a reason (e.g. a drain that
+        timed out), the requests cut short end as errors carrying it, not as "cancelled"."""
         with self._lock:
             self._accepting = False
             self._stopping = True
             for request in [*self._waiting, *self._running]:
                 request.cancelled = True
+                request.abort_error = reason
             if self._thread is None:             # never started: tell the waiting ones here
                 self._drop_cancelled()
             self._lock.notify_all()
@@ -208,12 +211,13 @@ class Engine:
                 self._lock.notify_all()            # wakes drain()
 
     def _drop_cancelled(self) -> None:
-        for request in [r for r in self._waiting if r.cancelled]:
-            self._waiting.remove(request)
-            self._finish(request, EngineOutput(request.id, None, True, "cancelled"))
-        for request in [r for r in self._running if r.cancelled]:
+        for request in [r for r in (*self._waiting, *self._running) if r.cancelled]:
             self._release(request)
-            self._finish(request, EngineOutput(request.id, None, True, "cancelled"))
+            reason = "cancelled" if request.abort_error is None else "error"
+            self._finish(request, EngineOutput(request.id, None, True, reason,
+                                               error=request.abort_error,
+                                               prompt_tokens=len(request.prompt),
+                                               completion_tokens=request.state.n_generated))
 
     def _admit(self) -> None:
         while self._waiting and self._free_rows:

@@ -4,6 +4,8 @@ Fast path: a C++ extension (csrc/: qmatmul.cpp for the matmuls, decode.cpp for a
 step; AVX2 + FMA + F16C) compiled on first use with torch.utils.cpp_extension and cached.
 Portable path: dequantize with PyTorch, then F.linear. The fast path is used when the CPU has
 AVX2, the extension builds, and MISTRAL7B_KERNELS is not set to "torch".
+
+The build (first use, cached, safe to interrupt) is build.py's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from mistral7b.quant.build import build_extension
 from mistral7b.quant.formats import FORMATS, dequantize
 
 log = logging.getLogger("mistral7b")
@@ -29,6 +32,11 @@ FAST_FORMATS = {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"}
 # model (2 threads, pre-fill of N tokens): at 24 / 32 / 48 rows the integer kernel takes 47 / 61 /
 # 93 ms against 73 / 81 / 98 ms, at 64 / 96 rows 123 / 182 ms against 116 / 165 ms.
 INT8_MAX_ROWS = 48
+
+CSRC = Path(__file__).parent / "csrc"
+KERNEL_FILES = [CSRC / name for name in ("kernels.h", "qmatmul.cpp", "decode.cpp", "bindings.cpp")]
+KERNEL_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+KERNEL_LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
 _extension: ModuleType | None = None
@@ -47,28 +55,23 @@ def extension() -> ModuleType | None:
     with _lock:
         if _tried:
             return _extension
-        _tried = True
         if os.environ.get("MISTRAL7B_KERNELS", "").lower() == "torch":
             log.info("MISTRAL7B_KERNELS=torch: using the portable PyTorch kernels")
         elif not _cpu_has_avx2():
             log.warning("this CPU has no AVX2: using the portable (slower) PyTorch kernels")
         else:
             _extension = _build()
+        _tried = True  # not on Ctrl-C during the build: the next call tries again
     return _extension
 
 
 def _build() -> ModuleType | None:
-    from torch.utils.cpp_extension import load
-
-    csrc = Path(__file__).parent / "csrc"
-    sources = [str(csrc / name) for name in ("qmatmul.cpp", "decode.cpp", "bindings.cpp")]
     try:
-        return load(name="mistral7b_kernels", sources=sources, extra_include_paths=[str(csrc)],
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        return build_extension("mistral7b_kernels", KERNEL_FILES, KERNEL_CFLAGS, KERNEL_LDFLAGS,
+                               announce="compiling the CPU kernels (first use; about 30 s)...")
     except Exception as e:  # a missing compiler or headers: run, slower, rather than fail
         log.warning("could not build the AVX2 kernels (%s); using the portable PyTorch "
-                    "kernels", str(e).strip().splitlines()[-1] if str(e).strip() else e)
+                    "kernels", e)
         return None
 
 

@@ -33,14 +33,33 @@ class TextPart(_Body):
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    # "developer" is how OpenAI's newer clients send the system prompt; it is the system role.
+    role: Literal["system", "developer", "user", "assistant"]
+    # null (or absent) only in an assistant message: OpenAI allows it there, e.g. next to
+    # tool calls; it reads as an empty answer. The routes refuse it elsewhere (as_messages).
+    content: str | list[TextPart] | None = None
     name: str | None = None
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def as_message(self) -> dict[str, str]:
+        return {"role": "system" if self.role == "developer" else self.role,
+                "content": self.text()}
+
+
+def as_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The conversation as the tokenizers take it; ValueError naming the field of a non-assistant
+    message without content."""
+    for i, m in enumerate(messages):
+        if m.content is None and m.role != "assistant":
+            raise ValueError(f"messages[{i}].content: Field required (only assistant messages "
+                             "may have no content)")
+    return [m.as_message() for m in messages]
 
 
 class StreamOptions(_Body):
@@ -68,6 +87,8 @@ class SamplingFields(_Body):
     # Mistral's API field: put the paper's guardrail system prompt in front of the chat.
     safe_prompt: bool = False
     ignore_eos: bool = False
+    # token id (a string, as JSON keys are) -> bias in [-100, 100] added to its logit
+    logit_bias: dict[str, float] | None = None
 
     def token_limit(self) -> int | None:
         return self.max_tokens
@@ -95,6 +116,9 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(min_length=1)
     logprobs: int | None = Field(None, ge=0, le=20)   # legacy API: how many top tokens
     echo: bool = False
+    # Legacy fields we do not implement: refused by name (routes), never silently ignored.
+    suffix: str | None = None
+    best_of: int | None = None
 
 
 class TokenizeRequest(_Body):
