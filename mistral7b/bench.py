@@ -103,26 +103,82 @@ def peak_rss_mib() -> float:
     return rss / (2**20 if sys.platform == "darwin" else 1024)
 
 
+def weight_bytes_per_token(llm: LLM) -> int:
+    """Bytes of weights one decode step reads: everything but the embedding table, of which a
+    step reads one row per token (a tied table is read whole, as the output head)."""
+    model = llm.model
+    total = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+    embedding = model.tok_embeddings
+    table = next(iter([*embedding.parameters(), *embedding.buffers()]), None)
+    return total if llm.config.tie_embeddings or table is None else total - table.nbytes
+
+
+def read_bandwidth_gbs(nbytes: int = 256 * 2**20, repeats: int = 3) -> float | None:
+    """The machine's read bandwidth with the current threads (best of `repeats` streaming reads
+    of a buffer larger than the caches); None without the C++ kernels."""
+    from mistral7b.quant import kernels
+
+    ext = kernels.extension()
+    if ext is None:
+        return None
+    buf = torch.ones(nbytes, dtype=torch.uint8)
+    ext.stream_read(buf)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ext.stream_read(buf)
+        best = max(best, nbytes / (time.perf_counter() - start))
+    return best / 1e9
+
+
 def report(llm: LLM, results: list[BenchResult], load_s: float, as_json: bool) -> str:
     weights = sum(t.nbytes for t in [*llm.model.parameters(), *llm.model.buffers()])
+    per_token = weight_bytes_per_token(llm)
+    bandwidth = read_bandwidth_gbs() if llm.device.type == "cpu" else None
     header = {
         "model": llm.path.name if llm.path else "?",
         "weights_mib": round(weights / 2**20, 1),
         "params_m": round(llm.config.num_parameters() / 1e6, 1),
         "load_s": round(load_s, 2),
         "peak_rss_mib": round(peak_rss_mib(), 1),
+        "cpu": cpu_name(),
+        "read_bandwidth_gbs": None if bandwidth is None else round(bandwidth, 2),
     }
+
+    def weights_gbs(r: BenchResult) -> float | None:   # decode reads the weights once a step
+        return per_token * r.tokens_per_s / r.batch / 1e9 if r.test.startswith("tg") else None
+
     if as_json:
-        return json.dumps({**header, "results": [asdict(r) for r in results]}, indent=2)
+        rows = [{**asdict(r), "weights_gbs": weights_gbs(r)} for r in results]
+        return json.dumps({**header, "results": rows}, indent=2)
     lines = [f"model {header['model']}: {header['params_m']} M parameters, "
              f"{header['weights_mib']} MiB of weights in memory, loaded in {load_s:.2f} s, "
-             f"peak RSS {header['peak_rss_mib']} MiB", "",
-             "| test | depth | batch | threads | tokens/s | spread |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"peak RSS {header['peak_rss_mib']} MiB",
+             f"cpu {header['cpu']}" + (f", read bandwidth {bandwidth:.1f} GB/s (measured now)"
+                                      if bandwidth else ""), "",
+             "| test | depth | batch | threads | tokens/s | spread | weights GB/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
+        gbs = weights_gbs(r)
+        share = f" ({gbs / bandwidth:.0%})" if gbs is not None and bandwidth else ""
         lines.append(f"| {r.test} | {r.depth} | {r.batch} | {r.threads} | "
-                     f"{r.tokens_per_s:.1f} | {r.spread:.1f} |")
+                     f"{r.tokens_per_s:.1f} | {r.spread:.1f} | "
+                     f"{'' if gbs is None else f'{gbs:.1f}'}{share} |")
     return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    """The CPU's model string (/proc/cpuinfo), for every benchmark table."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 # ---- the paper's long-context claims ----------------------------------------------------------

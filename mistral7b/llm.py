@@ -25,6 +25,7 @@ from mistral7b.guardrails.safety import SAFETY_PROMPT, with_safety_prompt
 from mistral7b.loading import load_checkpoint
 from mistral7b.loading.checkpoint import parse_dtype
 from mistral7b.model import Transformer
+from mistral7b.quant.hugepages import move_packed_weights
 from mistral7b.sampling import SamplingParams
 from mistral7b.tokenizer import Message, MissingTokenizer, Tokenizer
 
@@ -223,6 +224,7 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
                                    f"{prefill_dtype!r})")
     _, model, tokenizer = load_checkpoint(resolved, torch_dtype, device, progress, sliding_window,
                                         dequantize, quantize)
+    move_packed_weights(model)      # into huge pages: fewer TLB misses while decode streams them
     model.set_prefill_dtype(fill_dtype)
     cache_dtype = None if kv_cache_dtype is None else parse_dtype(kv_cache_dtype)
     return LLM(model, tokenizer, torch_dtype, resolved, cache_dtype)

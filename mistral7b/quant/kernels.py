@@ -3,7 +3,9 @@
 Fast path: a C++ extension (csrc/: qmatmul.cpp for the matmuls, decode.cpp for a whole decode
 step; AVX2 + FMA + F16C) compiled on first use with torch.utils.cpp_extension and cached.
 Portable path: dequantize with PyTorch, then F.linear. The fast path is used when the CPU has
-AVX2, the extension builds, and MISTRAL7B_KERNELS is not set to "torch".
+AVX2, the extension builds, and MISTRAL7B_KERNELS is not set to "torch". The matmuls prefetch
+weights MISTRAL7B_PREFETCH_BYTES ahead (default: kDefaultPrefetchBytes in csrc/kernels.h;
+benchmarks/kernels.py measures other distances).
 
 The build (first use, cached, safe to interrupt) is build.py's.
 """
@@ -61,6 +63,8 @@ def extension() -> ModuleType | None:
             log.warning("this CPU has no AVX2: using the portable (slower) PyTorch kernels")
         else:
             _extension = _build()
+            if _extension is not None and os.environ.get("MISTRAL7B_PREFETCH_BYTES"):
+                _extension.set_prefetch_bytes(int(os.environ["MISTRAL7B_PREFETCH_BYTES"]))
         _tried = True  # not on Ctrl-C during the build: the next call tries again
     return _extension
 

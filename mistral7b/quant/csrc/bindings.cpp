@@ -4,6 +4,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "x @ dequantize(w).T with 16-bit activations (AVX2)");
   m.def("dequantize", &dequantize,
         "dequantize Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/F16/BF16 rows to float32");
+  m.def("prefetch_bytes", &prefetch_bytes, "how far ahead the matmuls prefetch weights (bytes)");
+  m.def("set_prefetch_bytes", &set_prefetch_bytes, "set the prefetch distance (0 = off)");
+  m.def("stream_read", &stream_read, "read a uint8 buffer once, in parallel (bandwidth probe)");
   m.def("decode_layers", &decode_layers,
         "every transformer layer for one new token per sequence (see decode.cpp)");
 }

@@ -16,6 +16,16 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// How far ahead of the weight row being read the matmuls prefetch, in bytes (0 = off). The
+// default was measured with benchmarks/kernels.py (see BENCHMARKS.md).
+constexpr int64_t kDefaultPrefetchBytes = 4096;
+int64_t prefetch_bytes();
+void set_prefetch_bytes(int64_t bytes);
+
+// Reads every byte of buf once, in parallel (the machine's read bandwidth, for benchmarks);
+// returns a checksum so the reads are not optimised away.
+int64_t stream_read(torch::Tensor buf);
+
 // y (M, N) = x (M, K) @ dequantize(w).T, with w N rows of row_bytes bytes in ggml `type`.
 void qmatmul_into(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
                   int64_t row_bytes, int64_t type, float* y);

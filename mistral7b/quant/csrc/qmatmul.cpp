@@ -33,6 +33,14 @@
 // The products in these formulas are exact in float32 (few significant bits), so the
 // dequantized values below equal gguf's NumPy reference bit for bit.
 //
+// Streaming weights from memory. A decode step reads every weight once, so the matmuls wait on
+// memory, not on arithmetic. The loops run ~20 instructions per 20-byte Q4_1 block, so the
+// out-of-order window reaches only a few cache lines ahead: on a VM with ~270 ns memory
+// latency that alone capped one core near 1.7 GB/s. Each thread therefore prefetches the
+// weight bytes `prefetch_bytes()` ahead of the row it reads (a constant distance in bytes,
+// whatever the row size), issued once per row at its top. Prefetching changes no arithmetic:
+// results are bit-identical at every distance (tests/test_quant.py checks).
+//
 // For the K-quants each weight row is dotted run by run: a run of 32 weights is unpacked to
 // bytes, widened to int16 with unpacklo/unpackhi (which interleave 8-value groups, so the
 // activation run is stored in that same order), multiplied with madd, converted once to float
@@ -46,6 +54,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -53,6 +62,26 @@
 #include <vector>
 
 namespace {
+
+std::atomic<int64_t> g_prefetch_bytes{kDefaultPrefetchBytes};
+
+// Prefetch the cache lines of [p, p + bytes) into L1 (T0: it is read within a few rows).
+inline void prefetch_lines(const uint8_t* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + off), _MM_HINT_T0);
+  }
+}
+
+// Called at the top of row n of a thread's rows [.., end): prefetches the bytes that lie
+// `distance` bytes past this row's, as far as the thread's own rows go. At the first row of a
+// range it also prefetches the first `distance` bytes, so that the stream starts ahead.
+inline void prefetch_ahead(const uint8_t* row, int64_t row_bytes, const uint8_t* end,
+                           int64_t distance, bool first) {
+  if (distance <= 0) return;
+  const uint8_t* from = first ? row : row + distance;
+  const uint8_t* to = std::min(row + distance + row_bytes, end);
+  if (from < to) prefetch_lines(from, to - from);
+}
 
 constexpr int64_t QK = 32;     // values per activation run, and per Q8_0/Q4_0/Q4_1 block
 constexpr int64_t QK_K = 256;  // values per K-quant block
@@ -372,8 +401,10 @@ inline void dot_rows(const uint8_t* row, const XBlock* x, int64_t n_blocks, floa
 template <int64_t TYPE, class X>
 void rows_kernel(const uint8_t* w, int64_t row_bytes, int64_t n_blocks, const X* xq, int64_t M,
                  float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t distance = prefetch_bytes();
   for (int64_t n = n0; n < n1; n++) {
     const uint8_t* row = w + n * row_bytes;
+    prefetch_ahead(row, row_bytes, w + n1 * row_bytes, distance, n == n0);
     if constexpr (std::is_same_v<X, XBlock>) {
       float out[4];
       int64_t m = 0;
@@ -475,8 +506,11 @@ inline float half_scalar(uint16_t h) {
 template <bool BF16>
 void half_rows(const uint16_t* w, int64_t K, const float* x, int64_t M, float* y, int64_t N,
                int64_t n0, int64_t n1) {
+  const int64_t distance = prefetch_bytes();
+  const auto* bytes = reinterpret_cast<const uint8_t*>(w);
   for (int64_t n = n0; n < n1; n++) {
     const uint16_t* row = w + n * K;
+    prefetch_ahead(bytes + 2 * n * K, 2 * K, bytes + 2 * n1 * K, distance, n == n0);
     for (int64_t m = 0; m < M; m++) {
       const float* xm = x + m * K;
       __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -502,6 +536,31 @@ void half_dequantize_rows(const uint16_t* w, int64_t K, float* out, int64_t n0, 
 }
 
 }  // namespace
+
+int64_t prefetch_bytes() { return g_prefetch_bytes.load(std::memory_order_relaxed); }
+
+void set_prefetch_bytes(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "set_prefetch_bytes: distance must be >= 0, got ", bytes);
+  g_prefetch_bytes.store(bytes, std::memory_order_relaxed);
+}
+
+int64_t stream_read(torch::Tensor buf) {
+  TORCH_CHECK(buf.scalar_type() == torch::kUInt8 && buf.is_contiguous(),
+              "stream_read: a contiguous uint8 tensor");
+  const uint8_t* p = buf.data_ptr<uint8_t>();
+  const int64_t n = buf.numel() / 256;  // 256-byte chunks: 8 independent loads in flight
+  std::atomic<uint64_t> total{0};
+  at::parallel_for(0, n, 1024, [&](int64_t c0, int64_t c1) {
+    __m256i acc[8];
+    for (auto& a : acc) a = _mm256_setzero_si256();
+    for (int64_t c = c0; c < c1; c++) {
+      for (int i = 0; i < 8; i++) acc[i] = _mm256_xor_si256(acc[i], load256(p + 256 * c + 32 * i));
+    }
+    for (int i = 1; i < 8; i++) acc[0] = _mm256_xor_si256(acc[0], acc[i]);
+    total ^= static_cast<uint64_t>(_mm256_extract_epi64(acc[0], 0));
+  });
+  return static_cast<int64_t>(total.load());
+}
 
 void qmatmul_into(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t N,
                   int64_t row_bytes, int64_t type, float* yp) {

@@ -1,0 +1,107 @@
+"""How packed weights are streamed from memory (issue 12): software prefetch at any distance and
+weights in a huge-page arena change no bit of any result, the arena falls back to ordinary pages
+where the kernel refuses the advice, and a process's first generation equals its later ones."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import mistral7b
+from mistral7b.quant import hugepages, kernels
+from mistral7b.quant.hugepages import HUGE_PAGE, arena, move_packed_weights
+from tests.test_quant import FORMATS, packed_weight
+
+
+@pytest.fixture
+def ext() -> Iterator[object]:
+    extension = kernels.extension()
+    if extension is None:
+        pytest.skip("the C++ kernels are not available on this machine")
+    default = extension.prefetch_bytes()
+    yield extension
+    extension.set_prefetch_bytes(default)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_prefetch_distance_gives_the_same_bits(ext: object, fmt: str) -> None:
+    # Ragged thread ranges (33 and 61 rows), a matrix smaller than one prefetch distance
+    # (3 rows), batches that take the 4-row tile and its remainder.
+    for n, k in [(3, 256), (33, 512), (61, 768)]:
+        raw, _ = packed_weight(fmt, n, k, seed=n)
+        for m in (1, 4, 5):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            ext.set_prefetch_bytes(0)  # type: ignore[attr-defined]
+            plain = kernels.linear(x, raw, fmt)
+            for distance in (64, 1000, 4096, 1 << 20):
+                ext.set_prefetch_bytes(distance)  # type: ignore[attr-defined]
+                assert torch.equal(kernels.linear(x, raw, fmt), plain), (n, m, distance)
+
+
+def test_a_negative_prefetch_distance_is_refused(ext: object) -> None:
+    with pytest.raises(RuntimeError, match=">= 0"):
+        ext.set_prefetch_bytes(-1)  # type: ignore[attr-defined]
+
+
+def test_the_arena_is_aligned_to_a_huge_page() -> None:
+    memory, _ = arena(3 * HUGE_PAGE + 5)
+    assert memory.data_ptr() % HUGE_PAGE == 0 and memory.numel() == 3 * HUGE_PAGE + 5
+    memory.fill_(7)
+    assert int(memory.sum()) == 7 * memory.numel()
+
+
+def test_the_arena_falls_back_when_the_advice_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mmap, "MADV_HUGEPAGE", 0x7FFF, raising=False)   # EINVAL from the kernel
+    memory, advised = arena(2 * HUGE_PAGE)
+    assert not advised
+    memory.fill_(1)
+    assert int(memory.sum()) == memory.numel()
+    monkeypatch.delattr(mmap, "MADV_HUGEPAGE", raising=False)          # no THP on this OS
+    assert arena(2 * HUGE_PAGE)[1] is False
+
+
+def test_moving_weights_into_the_arena_changes_no_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MISTRAL7B_HUGEPAGES", "0")       # load without the arena first...
+    llm = mistral7b.load(progress=False)
+    before = llm.logits("The rolling buffer cache")
+    monkeypatch.delenv("MISTRAL7B_HUGEPAGES")
+    monkeypatch.setattr(mmap, "MADV_HUGEPAGE", 0x7FFF, raising=False)
+    packed = {name: buf.data_ptr() for name, buf in llm.model.named_buffers()
+              if buf.dtype == torch.uint8}
+    moved = move_packed_weights(llm.model)                # ...then move them (fallback pages)
+    assert moved >= sum(b.numel() for b in llm.model.buffers() if b.dtype == torch.uint8)
+    after = {name: buf for name, buf in llm.model.named_buffers() if buf.dtype == torch.uint8}
+    assert set(after) == set(packed) and all(after[n].data_ptr() != packed[n] for n in packed)
+    assert torch.equal(llm.logits("The rolling buffer cache"), before)
+    assert hugepages.ALIGN and all(b.data_ptr() % hugepages.ALIGN == 0 for b in after.values())
+
+
+# Run in a process of its own: "first" means the first generation the process ever makes
+# (kernels just loaded, caches and thread pools cold).
+FIRST_AND_LATER = """
+import json, mistral7b
+llm = mistral7b.load(progress=False)
+out = []
+for prompt in ["The capital of France is",
+               "Sliding window attention and a rolling buffer cache. " * 12]:  # BLAS pre-fill
+    for _ in range(3):
+        r = llm.generate(prompt, max_tokens=8, temperature=0, logprobs=True, ignore_eos=True)
+        out.append([prompt[:8], r.token_ids, r.logprobs, llm.logits(prompt)[-1].tolist()])
+print(json.dumps(out))
+"""
+
+
+def test_the_first_generation_in_a_process_equals_the_later_ones() -> None:
+    proc = subprocess.run([sys.executable, "-c", FIRST_AND_LATER], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads(proc.stdout)
+    for first, later in [(runs[0], runs[1]), (runs[0], runs[2]), (runs[3], runs[4]),
+                         (runs[3], runs[5])]:
+        assert first == later, first[0]
