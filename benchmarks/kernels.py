@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mistral7b.bench import cpu_name, read_bandwidth_gbs
 from mistral7b.quant import kernels
 from mistral7b.quant.formats import FORMATS
+from mistral7b.quant.repack import BASE, repack
 
 # Byte offsets of the float16 scales in each block (set to a sane value; the rest is random).
 SCALE_OFFSETS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2),
@@ -52,6 +53,8 @@ def last_level_cache_bytes() -> int:
 
 
 def random_matrix(fmt: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    if fmt in BASE:                          # repacked 8 rows at a time, as load() does
+        return repack(random_matrix(BASE[fmt], n, k, seed), BASE[fmt])
     spec = FORMATS[fmt]
     g = torch.Generator().manual_seed(seed)
     raw = torch.randint(0, 256, (n, spec.row_bytes(k)), dtype=torch.uint8, generator=g)

@@ -26,6 +26,7 @@ from mistral7b.loading import load_checkpoint
 from mistral7b.loading.checkpoint import parse_dtype
 from mistral7b.model import Transformer
 from mistral7b.quant.hugepages import move_packed_weights
+from mistral7b.quant.repack import repack_linears
 from mistral7b.sampling import SamplingParams
 from mistral7b.tokenizer import Message, MissingTokenizer, Tokenizer
 
@@ -224,6 +225,7 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
                                    f"{prefill_dtype!r})")
     _, model, tokenizer = load_checkpoint(resolved, torch_dtype, device, progress, sliding_window,
                                         dequantize, quantize)
+    repack_linears(model)           # 8 rows at a time: fewer instructions per block in decode
     move_packed_weights(model)      # into huge pages: fewer TLB misses while decode streams them
     model.set_prefill_dtype(fill_dtype)
     cache_dtype = None if kv_cache_dtype is None else parse_dtype(kv_cache_dtype)

@@ -153,7 +153,8 @@ def test_fast_path_is_used_on_this_machine() -> None:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("no AVX2")
     assert kernels.extension() is not None
-    assert kernels.FAST_FORMATS == set(FORMATS)     # the K-quants too: no NumPy on the hot path
+    # the K-quants too (no NumPy on the hot path), and the repacked x8 layouts
+    assert kernels.FAST_FORMATS == set(FORMATS_BY_NAME)
 
 
 def test_loading_a_q4_gguf_keeps_the_weights_packed() -> None:

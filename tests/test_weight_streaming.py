@@ -1,6 +1,7 @@
 """How packed weights are streamed from memory (issue 12): software prefetch at any distance and
 weights in a huge-page arena change no bit of any result, the arena falls back to ordinary pages
-where the kernel refuses the advice, and a process's first generation equals its later ones."""
+where the kernel refuses the advice, a process's first generation equals its later ones, and
+the 32-value formats repacked eight rows at a time compute what the GGUF order does."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import pytest
 import torch
 
 import mistral7b
-from mistral7b.quant import hugepages, kernels
+from mistral7b.quant import hugepages, kernels, repack
+from mistral7b.quant.formats import dequantize
 from mistral7b.quant.hugepages import HUGE_PAGE, arena, move_packed_weights
-from tests.test_quant import FORMATS, packed_weight
+from mistral7b.quant.modules import QuantLinear
+from tests.test_quant import FORMATS, packed_weight, relative_error
 
 
 @pytest.fixture
@@ -105,3 +108,60 @@ def test_the_first_generation_in_a_process_equals_the_later_ones() -> None:
     for first, later in [(runs[0], runs[1]), (runs[0], runs[2]), (runs[3], runs[4]),
                          (runs[3], runs[5])]:
         assert first == later, first[0]
+
+
+# ---- the 32-value formats repacked eight rows at a time --------------------------------------
+
+X8 = ["Q4_0x8", "Q4_1x8", "Q8_0x8"]
+
+
+@pytest.mark.parametrize("fmt", X8)
+def test_repacking_is_a_permutation_of_the_bytes(fmt: str) -> None:
+    base = repack.BASE[fmt]
+    raw, reference = packed_weight(base, 24, 512, seed=1)
+    packed = repack.repack(raw, base)
+    assert packed.shape == raw.shape and not torch.equal(packed, raw)
+    assert torch.equal(torch.sort(packed.flatten()).values, torch.sort(raw.flatten()).values)
+    assert torch.equal(repack.unrepack(packed, fmt), raw)
+    assert torch.equal(dequantize(packed, fmt), reference)        # the portable path
+
+
+@pytest.mark.parametrize("fmt", X8)
+def test_repacked_kernels_match_the_float_reference_and_batching(ext: object, fmt: str) -> None:
+    base = repack.BASE[fmt]
+    for n, k in [(8, 256), (40, 512), (96, 768)]:
+        raw, weight = packed_weight(base, n, k, seed=n)
+        packed = repack.repack(raw, base)
+        x = torch.randn(49, k, generator=torch.Generator().manual_seed(k))
+        for m in (1, 3, 4, 5, 17, 48, 49):          # tiles of 4, remainders, the BLAS path
+            ours = kernels.linear(x[:m], packed, fmt)
+            reference = x[:m] @ weight.T
+            assert relative_error(ours, reference) < 2e-4, (n, m)
+        ext.set_prefetch_bytes(0)  # type: ignore[attr-defined]
+        alone = [kernels.linear(x[i:i + 1], packed, fmt) for i in range(6)]
+        for distance in (0, 4096):
+            ext.set_prefetch_bytes(distance)  # type: ignore[attr-defined]
+            together = kernels.linear(x[:6], packed, fmt)
+            for i in range(6):                  # a row's bits do not depend on the batch
+                assert torch.equal(together[i], alone[i][0]), (n, i, distance)
+
+
+def test_a_repacked_matrix_needs_rows_in_eights(ext: object) -> None:
+    raw, _ = packed_weight("Q4_1", 8, 256)
+    with pytest.raises(RuntimeError, match="multiple of 8 rows"):
+        ext.qmatmul(torch.randn(1, 256), raw[:4].contiguous(), 1003)  # type: ignore[attr-defined]
+
+
+def test_load_repacks_the_default_model_and_keeps_its_text(ext: object,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    llm = mistral7b.load(progress=False)
+    fmts = {m.fmt for m in llm.model.modules() if isinstance(m, QuantLinear)}
+    assert fmts == {"Q4_1x8"}
+    monkeypatch.setenv("MISTRAL7B_REPACK", "0")
+    gguf_order = mistral7b.load(progress=False)
+    assert {m.fmt for m in gguf_order.model.modules() if isinstance(m, QuantLinear)} == {"Q4_1"}
+    prompt = "The rolling buffer cache keeps"
+    assert (llm.logits(prompt) - gguf_order.logits(prompt)).abs().max() < 1e-2
+    a = llm.generate(prompt, max_tokens=16, temperature=0)
+    b = gguf_order.generate(prompt, max_tokens=16, temperature=0)
+    assert a.token_ids == b.token_ids

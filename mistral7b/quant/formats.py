@@ -34,6 +34,11 @@ FORMATS = {f.name: f for f in (
     # 16-bit floats, kept as their bytes so they travel the same way as the blocks above.
     BlockFormat("F16", 1, 1, 2),
     BlockFormat("BF16", 30, 1, 2),
+    # Ours: the 32-value formats repacked eight rows at a time (quant/repack.py); the ids are
+    # 1000 + the ggml id, and mean nothing to GGUF.
+    BlockFormat("Q4_0x8", 1002, 32, 18),
+    BlockFormat("Q4_1x8", 1003, 32, 20),
+    BlockFormat("Q8_0x8", 1008, 32, 34),
 )}
 
 HALF_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
@@ -51,6 +56,10 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 def dequantize(raw: torch.Tensor, fmt: str) -> torch.Tensor:
     """Rows of blocks (N, row_bytes) uint8 -> (N, K) float32."""
+    if fmt.endswith("x8"):
+        from mistral7b.quant.repack import unrepack
+
+        return dequantize(unrepack(raw, fmt), fmt.removesuffix("x8"))
     spec = FORMATS[fmt]
     rows = raw.shape[0]
     if fmt in HALF_DTYPES:

@@ -27,7 +27,8 @@ from mistral7b.quant.formats import FORMATS, dequantize
 log = logging.getLogger("mistral7b")
 
 # Formats the C++ kernels implement (qmatmul and dequantize): all of FORMATS.
-FAST_FORMATS = {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"}
+FAST_FORMATS = {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16",
+                "Q4_0x8", "Q4_1x8", "Q8_0x8"}
 
 # Up to this many rows of x, the integer kernel (16-bit activations); above it, dequantize the
 # weight once and let the BLAS matmul do the work. The cross-over, measured on the default
@@ -81,6 +82,10 @@ def _build() -> ModuleType | None:
 
 def dequantize_rows(raw: torch.Tensor, fmt: str) -> torch.Tensor:
     """(N, row_bytes) uint8 -> (N, K) float32."""
+    if fmt.endswith("x8"):             # repacked 8 rows at a time: dequantize the GGUF order
+        from mistral7b.quant.repack import unrepack
+
+        raw, fmt = unrepack(raw, fmt), fmt.removesuffix("x8")
     ext = extension() if fmt in FAST_FORMATS and raw.device.type == "cpu" else None
     if ext is not None:
         return ext.dequantize(raw, FORMATS[fmt].ggml_type)
