@@ -132,6 +132,7 @@ def test_repacked_kernels_match_the_float_reference_and_batching(ext: object, fm
     for n, k in [(8, 256), (40, 512), (96, 768)]:
         raw, weight = packed_weight(base, n, k, seed=n)
         packed = repack.repack(raw, base)
+        assert torch.equal(kernels.dequantize_rows(packed, fmt), weight)   # C++, exact
         x = torch.randn(49, k, generator=torch.Generator().manual_seed(k))
         for m in (1, 3, 4, 5, 17, 48, 49):          # tiles of 4, remainders, the BLAS path
             ours = kernels.linear(x[:m], packed, fmt)

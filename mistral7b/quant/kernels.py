@@ -82,10 +82,6 @@ def _build() -> ModuleType | None:
 
 def dequantize_rows(raw: torch.Tensor, fmt: str) -> torch.Tensor:
     """(N, row_bytes) uint8 -> (N, K) float32."""
-    if fmt.endswith("x8"):             # repacked 8 rows at a time: dequantize the GGUF order
-        from mistral7b.quant.repack import unrepack
-
-        raw, fmt = unrepack(raw, fmt), fmt.removesuffix("x8")
     ext = extension() if fmt in FAST_FORMATS and raw.device.type == "cpu" else None
     if ext is not None:
         return ext.dequantize(raw, FORMATS[fmt].ggml_type)

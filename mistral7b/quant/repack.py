@@ -7,8 +7,8 @@ block b field by field: the eight scales, the eight mins (Q4_1), then the eight 
     Q4_1 rows r0..r7, block b:  d[r0..r7] (8 f16) | m[r0..r7] (8 f16) | qs[r0] .. qs[r7] (8 x 16 B)
 
 the same bytes in another order (the layout and why are in quant/csrc/qmatmul.cpp). Matrices
-are repacked once at load, when the C++ kernels are there and the rows come in eights; the
-dequantize path (pre-fill over INT8_MAX_ROWS rows, the portable kernels) un-repacks a copy.
+are repacked once at load, when the C++ kernels are there and the rows come in eights. The C++
+kernels read both layouts (matmul and dequantize); the portable path un-repacks a copy.
 """
 
 from __future__ import annotations

@@ -503,6 +503,36 @@ void groups_kernel_x8(const uint8_t* w, int64_t row_bytes, int64_t n_blocks, con
   }
 }
 
+// Row groups [g0, g1) of an x8 matrix, dequantized into out (N, K) in row order: the same
+// numbers as dequantize_rows_32 on the GGUF order.
+template <int64_t BASE>
+void dequantize_groups_x8(const uint8_t* wp, int64_t row_bytes, int64_t n_blocks, float* op,
+                          int64_t g0, int64_t g1) {
+  constexpr int64_t BB = kBlockBytes<BASE>;
+  constexpr int64_t HEAD = BASE == Q4_1 ? 32 : 16;
+  constexpr int64_t QB = BASE == Q8_0 ? 32 : 16;
+  const int64_t K = n_blocks * QK;
+  for (int64_t g = g0; g < g1; g++) {
+    for (int64_t b = 0; b < n_blocks; b++) {
+      const uint8_t* gb = wp + g * 8 * row_bytes + b * 8 * BB;
+      for (int r = 0; r < 8; r++) {
+        float* o = op + (8 * g + r) * K + b * QK;
+        const float d = half_to_float(gb + 2 * r);
+        const uint8_t* q = gb + HEAD + r * QB;
+        if constexpr (BASE == Q8_0) {
+          for (int i = 0; i < QK; i++) o[i] = d * static_cast<int8_t>(q[i]);
+        } else {
+          const float mn = BASE == Q4_1 ? half_to_float(gb + 16 + 2 * r) : -8.f * d;
+          for (int i = 0; i < QK / 2; i++) {
+            o[i] = d * (q[i] & 0x0F) + mn;
+            o[i + QK / 2] = d * (q[i] >> 4) + mn;
+          }
+        }
+      }
+    }
+  }
+}
+
 template <int64_t BASE>
 void matmul_x8(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t N,
                int64_t row_bytes, float* yp) {
@@ -734,7 +764,6 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t type) {
 // Dequantize rows: w (N, row_bytes) uint8 -> (N, K) float32.
 torch::Tensor dequantize(torch::Tensor w, int64_t type) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8, "dequantize: w must be 2-D uint8");
-  TORCH_CHECK(!is_x8(type), "dequantize: un-repack x8 matrices first (quant/repack.py)");
   w = w.contiguous();
   const int64_t N = w.size(0), row_bytes = w.size(1), bb = block_bytes(type);
   TORCH_CHECK(row_bytes % bb == 0, "dequantize: row of ", row_bytes, " bytes is not whole blocks");
@@ -742,6 +771,17 @@ torch::Tensor dequantize(torch::Tensor w, int64_t type) {
   auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
   float* op = out.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
+  if (is_x8(type)) {
+    TORCH_CHECK(N % 8 == 0, "dequantize: a repacked matrix has rows in eights, got ", N);
+    at::parallel_for(0, N / 8, 2, [&](int64_t g0, int64_t g1) {
+      switch (type) {
+        case Q4_0_X8: dequantize_groups_x8<Q4_0>(wp, row_bytes, n_blocks, op, g0, g1); break;
+        case Q4_1_X8: dequantize_groups_x8<Q4_1>(wp, row_bytes, n_blocks, op, g0, g1); break;
+        default: dequantize_groups_x8<Q8_0>(wp, row_bytes, n_blocks, op, g0, g1); break;
+      }
+    });
+    return out;
+  }
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     const auto* hp = reinterpret_cast<const uint16_t*>(wp);
     switch (type) {
