@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import uvicorn
 
 import mistral7b
 from mistral7b.engine import Engine
@@ -653,3 +654,12 @@ def test_access_log_has_one_line_per_request(llm: mistral7b.LLM,
         assert not [r for r in caplog.records if r.name == "mistral7b.access"]
     finally:
         stop_server(server, thread, quiet.engine)
+
+
+def test_a_signal_while_loading_stops_at_once_with_status_0() -> None:
+    state = ServerState(model_name="x")                  # never attached: still "loading"
+    config = uvicorn.Config(lambda scope, receive, send: None, port=free_port())
+    server = DrainingServer(config, state, 300)
+    server.handle_exit(signal.SIGTERM, None)
+    assert server.should_exit and state.status == "draining"
+    assert server._captured_signals == []                # not re-raised: the exit status is 0

@@ -62,17 +62,16 @@ class DrainingServer(uvicorn.Server):
         self._drainer: threading.Thread | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # uvicorn re-raises a captured signal after its shutdown, so the process would die of
-        # it; a drained shutdown is a normal exit (status 0).
-        self._captured_signals.clear()
-        engine = self.state.engine
-        if self._drainer is not None or engine is None:   # a second signal, or still loading
+        if self._drainer is not None or self.state.engine is None:  # a second signal, or loading
             self.state.status = "draining"
             super().handle_exit(sig, frame)
             if self._drainer is not None:
                 self.force_exit = True
-            return
-        self.begin_drain()
+        else:
+            self.begin_drain()
+        # uvicorn re-raises a captured signal after its shutdown, so the process would die of
+        # it; a drained shutdown is a normal exit (status 0).
+        self._captured_signals.clear()
 
     def begin_drain(self) -> None:
         """Answer 503 to new work, finish what runs (bounded), then stop (any thread)."""
