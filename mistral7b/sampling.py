@@ -148,6 +148,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    # given as {id: bias} (ids may be digit strings) or (id, bias) pairs; stored as sorted pairs
     logit_bias: Any = ()
 
     def __post_init__(self) -> None:
@@ -243,19 +244,19 @@ class SamplingParams:
             items = list(value)
         else:
             raise InvalidSamplingParam(
-                f"logit_bias must map token ids to numbers (got {value!r})"
+                f"logit_bias: must map token ids to numbers (got {value!r})"
             )
         pairs: dict[int, float] = {}
         for item in items:
             if not isinstance(item, tuple) or len(item) != 2:
-                raise InvalidSamplingParam(f"logit_bias entries must be (token id, bias) "
+                raise InvalidSamplingParam(f"logit_bias: entries must be (token id, bias) "
                                            f"pairs (got {item!r})")
             key, bias = item
             if isinstance(key, str) and key.strip().isdigit():
                 key = int(key)
             if not _is_int(key) or key < 0:
                 raise InvalidSamplingParam(
-                    f"logit_bias keys must be token ids >= 0 (got {key!r})"
+                    f"logit_bias: keys must be token ids >= 0 (got {key!r})"
                 )
             number = _require_number(f"logit_bias[{key}]", bias)
             _check_range(f"logit_bias[{key}]", number, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)

@@ -257,17 +257,7 @@ def sampling_params(body: SamplingFields, limit: int | None, prompt_len: int, co
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         seed=None if body.seed is None else body.seed + choice, stop=tuple(stops),
         ignore_eos=body.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
-        logit_bias=_logit_bias(body.logit_bias))
-
-
-def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
-    out = {}
-    for key, value in (bias or {}).items():
-        if not key.strip().isdigit():
-            raise APIError(400, f"logit_bias: keys must be token ids (got {key!r})",
-                           param="logit_bias")
-        out[int(key)] = value
-    return out
+        logit_bias=body.logit_bias or ())
 
 
 async def _generate(state: ServerState, request: Request, kind: str, body: SamplingFields,
