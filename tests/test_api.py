@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mistral7b
+from mistral7b.guardrails.safety import SAFETY_PROMPT, with_safety_prompt
 from mistral7b.text import clean_bytes, clean_text
 
 
@@ -78,6 +79,23 @@ def test_stream_chat_streams_what_chat_answers(smol: mistral7b.LLM) -> None:
     assert pieces[-1].finish_reason == whole.finish_reason
     system = [{"role": "system", "content": "Answer briefly."}, messages[1]]
     assert smol.chat(system, max_tokens=12, temperature=0).text == whole.text
+
+
+@pytest.mark.parametrize("which", ["v1", "smol"])
+def test_the_safety_prompt_joins_a_developer_message_as_the_system_one(
+        which: str, request: pytest.FixtureRequest) -> None:
+    llm: mistral7b.LLM = request.getfixturevalue(which)
+
+    def ids(role: str) -> tuple[int, list[int]]:
+        r = llm.chat([{"role": role, "content": "Answer briefly."},
+                      {"role": "user", "content": "Hi"}], max_tokens=1, temperature=0,
+                     safe_prompt=True)
+        return r.prompt_tokens, r.token_ids
+
+    assert ids("developer") == ids("system")
+
+    joined = with_safety_prompt([{"role": "developer", "content": "Be brief."}])
+    assert joined == [{"role": "system", "content": f"{SAFETY_PROMPT}\n\nBe brief."}]
 
 
 def test_logit_bias_in_the_python_api(v1: mistral7b.LLM) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mistral7b.tokenizer import Message
+from mistral7b.tokenizer import ROLE_ALIASES, Message
 
 SAFETY_PROMPT = (
     "Always assist with care, respect, and truth. Respond with utmost utility yet securely. "
@@ -23,9 +23,11 @@ SAFETY_PROMPT = (
 
 
 def with_safety_prompt(messages: Sequence[Message]) -> list[Message]:
-    """`messages` with the safety prompt as (or in front of) the system message."""
+    """`messages` with the safety prompt as (or in front of) the system message (which may
+    come with an alias role, e.g. "developer")."""
     out = [dict(m) for m in messages]
-    if out and out[0].get("role") == "system":
+    if out and ROLE_ALIASES.get(out[0].get("role", ""), out[0].get("role")) == "system":
+        out[0]["role"] = "system"
         out[0]["content"] = f"{SAFETY_PROMPT}\n\n{out[0]['content']}"
         return out
     return [{"role": "system", "content": SAFETY_PROMPT}, *out]

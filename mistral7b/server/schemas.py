@@ -48,8 +48,8 @@ class ChatMessage(_Body):
         return "".join(part.text for part in self.content)
 
     def as_message(self) -> dict[str, str]:
-        return {"role": "system" if self.role == "developer" else self.role,
-                "content": self.text()}
+        # "developer" stays as sent: the tokenizers resolve role aliases (tokenizer.ROLE_ALIASES)
+        return {"role": self.role, "content": self.text()}
 
 
 def as_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
