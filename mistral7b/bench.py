@@ -11,6 +11,7 @@ spread (max - min).
 from __future__ import annotations
 
 import json
+import platform
 import resource
 import statistics
 import sys
@@ -25,6 +26,7 @@ import torch
 from mistral7b.cache import RollingCache
 from mistral7b.generate import decode_step, default_chunk_size, prefill
 from mistral7b.llm import LLM
+from mistral7b.quant import kernels
 
 
 @dataclass
@@ -116,8 +118,6 @@ def weight_bytes_per_token(llm: LLM) -> int:
 def read_bandwidth_gbs(nbytes: int = 256 * 2**20, repeats: int = 3) -> float | None:
     """The machine's read bandwidth with the current threads (best of `repeats` streaming reads
     of a buffer larger than the caches); None without the C++ kernels."""
-    from mistral7b.quant import kernels
-
     ext = kernels.extension()
     if ext is None:
         return None
@@ -176,8 +176,6 @@ def cpu_name() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-
     return platform.processor() or platform.machine()
 
 

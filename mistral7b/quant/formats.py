@@ -41,6 +41,35 @@ FORMATS = {f.name: f for f in (
     BlockFormat("Q8_0x8", 1008, 32, 34),
 )}
 
+# Repacking (the x8 formats above): a format's repacked name, and the bytes of each field of one
+# of its blocks (scale, min, weights), which the x8 layout stores eight rows at a time.
+REPACKED = {"Q4_0": "Q4_0x8", "Q4_1": "Q4_1x8", "Q8_0": "Q8_0x8"}
+BASE = {x8: base for base, x8 in REPACKED.items()}
+_FIELDS = {"Q4_0": (2, 16), "Q4_1": (2, 2, 16), "Q8_0": (2, 32)}
+
+
+def repack(raw: torch.Tensor, fmt: str) -> torch.Tensor:
+    """(N, row_bytes) blocks of `fmt`, N a multiple of 8 -> the same bytes in x8 order."""
+    n, row_bytes = raw.shape
+    bb = FORMATS[fmt].block_bytes
+    blocks = raw.reshape(n // 8, 8, row_bytes // bb, bb)          # (group, row, block, byte)
+    fields = torch.split(blocks, list(_FIELDS[fmt]), dim=3)
+    parts = [f.permute(0, 2, 1, 3).reshape(n // 8, row_bytes // bb, -1) for f in fields]
+    return torch.cat(parts, dim=2).reshape(n, row_bytes).contiguous()
+
+
+def unrepack(raw: torch.Tensor, fmt_x8: str) -> torch.Tensor:
+    """The inverse of repack: x8 bytes -> (N, row_bytes) blocks of the base format."""
+    fmt = BASE[fmt_x8]
+    n, row_bytes = raw.shape
+    bb = FORMATS[fmt].block_bytes
+    groups = raw.reshape(n // 8, row_bytes // bb, 8 * bb)          # (group, block, 8 blocks)
+    sizes = [8 * size for size in _FIELDS[fmt]]
+    fields = [f.reshape(n // 8, row_bytes // bb, 8, -1).permute(0, 2, 1, 3)
+              for f in torch.split(groups, sizes, dim=2)]          # (group, row, block, field)
+    return torch.cat(fields, dim=3).reshape(n, row_bytes).contiguous()
+
+
 HALF_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
 
 
@@ -56,10 +85,8 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 def dequantize(raw: torch.Tensor, fmt: str) -> torch.Tensor:
     """Rows of blocks (N, row_bytes) uint8 -> (N, K) float32."""
-    if fmt.endswith("x8"):
-        from mistral7b.quant.repack import unrepack
-
-        return dequantize(unrepack(raw, fmt), fmt.removesuffix("x8"))
+    if fmt in BASE:                      # repacked 8 rows at a time: back to the GGUF order
+        return dequantize(unrepack(raw, fmt), BASE[fmt])
     spec = FORMATS[fmt]
     rows = raw.shape[0]
     if fmt in HALF_DTYPES:
