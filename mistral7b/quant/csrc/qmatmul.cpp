@@ -485,7 +485,7 @@ void groups_kernel_x8(const uint8_t* w, int64_t row_bytes, int64_t n_blocks, con
   const int64_t distance = prefetch_bytes(), group_bytes = 8 * row_bytes;
   for (int64_t g = g0; g < g1; g++) {
     const uint8_t* grp = w + g * group_bytes;
-    if (g == g0) prefetch_ahead(grp, 0, grp + distance, distance, true);   // the stream's start
+    if (g == g0 && distance > 0) prefetch_lines(grp, distance);   // the stream's start
     float out[32];
     int64_t m = 0;
     // Only the first tile prefetches: the others find the group in cache. The prefetches may
