@@ -27,6 +27,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+ServerFactory = Callable[[uvicorn.Config, ServerState], uvicorn.Server]
+
+
+def _plain_server(config: uvicorn.Config, state: ServerState) -> uvicorn.Server:
+    return uvicorn.Server(config)
+
+
 @dataclass
 class Running:
     url: str
@@ -39,9 +46,10 @@ class Running:
 
 def start_server(llm: mistral7b.LLM, start_engine: bool = True,
                  state_args: dict[str, Any] | None = None,
-                 server_class: Callable[..., uvicorn.Server] = uvicorn.Server, **engine_args: int
+                 make_server: ServerFactory | None = None, **engine_args: int
                  ) -> tuple[Running, uvicorn.Server, threading.Thread]:
-    """`state_args` go to ServerState; `server_class(config, state)` builds the server."""
+    """`state_args` go to ServerState; `make_server(config, state)` builds the server (default:
+    a plain uvicorn.Server)."""
     engine = Engine(llm.model, llm.tokenizer, **{"max_batch": 16, "max_queue": 64,
                                                  "prefill_chunk": CHUNK, **engine_args})
     if start_engine:
@@ -49,17 +57,16 @@ def start_server(llm: mistral7b.LLM, start_engine: bool = True,
     state = ServerState(**{"model_name": MODEL, "keepalive": 0.05, "disconnect_poll": 0.05,
                            **(state_args or {})})
     state.attach(llm, engine)
-    url, server, thread = serve_app(state, server_class)
+    url, server, thread = serve_app(state, make_server)
     return Running(url, state, engine), server, thread
 
 
-def serve_app(state: ServerState, server_class: Callable[..., uvicorn.Server] = uvicorn.Server
+def serve_app(state: ServerState, make_server: ServerFactory | None = None
               ) -> tuple[str, uvicorn.Server, threading.Thread]:
     """The API of `state` on a free local port, in a thread; returns its base URL."""
     port = free_port()
     config = uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning")
-    server = (server_class(config) if server_class is uvicorn.Server
-              else server_class(config, state))
+    server = (make_server or _plain_server)(config, state)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -392,7 +392,7 @@ def _stream_events(url: str, body: dict) -> list[str]:
 def test_drain_keeps_the_listener_open_with_503_and_finishes_running_streams(
         llm: mistral7b.LLM, monkeypatch: pytest.MonkeyPatch) -> None:
     running, server, thread = start_server(
-        llm, server_class=lambda config, state: DrainingServer(config, state, 300))
+        llm, make_server=lambda config, state: DrainingServer(config, state, 300))
     gate = _gate_engine(running.engine, monkeypatch)
     try:
         with ThreadPoolExecutor(1) as pool:
@@ -422,7 +422,7 @@ def test_drain_keeps_the_listener_open_with_503_and_finishes_running_streams(
 def test_a_drain_that_times_out_ends_streams_with_an_error_event(
         llm: mistral7b.LLM, monkeypatch: pytest.MonkeyPatch) -> None:
     running, server, thread = start_server(
-        llm, server_class=lambda config, state: DrainingServer(config, state, 0.5))
+        llm, make_server=lambda config, state: DrainingServer(config, state, 0.5))
     gate = _gate_engine(running.engine, monkeypatch)     # never opens: the drain times out
     try:
         with ThreadPoolExecutor(1) as pool:
