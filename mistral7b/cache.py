@@ -55,6 +55,9 @@ class CacheStep:
     write_t: torch.Tensor       # (N,) token index within the chunk
     write_row: torch.Tensor     # (N,) its cache row
     write_slot: torch.Tensor    # (N,) destination slot
+    # True when `mask` is plain causal over keys 0..T-1 (every row starts empty, no padding, no
+    # window cut): attention may then skip the mask and use a flash kernel.
+    causal: bool = False
 
 
 class RollingCache:
@@ -95,6 +98,11 @@ class RollingCache:
             raise ContextLengthError(f"{length} positions exceed the cache's {self.max_slots}")
         self._grow(length)
         self.lengths[row] = length
+
+    def reserve(self, length: int) -> None:
+        """Grow the buffers now so that every row can hold `length` positions (decode steps of
+        fixed shape do this on the host before the step, which then allocates nothing)."""
+        self._grow(length)
 
     def reset(self, row: int) -> None:
         """Make a row empty for a new sequence. Old contents stay but are masked out: a slot is
@@ -151,11 +159,35 @@ class RollingCache:
         write_b, write_t = keep.nonzero(as_tuple=True)
         write_slot = positions[write_b, write_t] % S
         rows_t = torch.tensor(rows, device=device)
+        causal = (max(starts) == 0 and min(n_new) == T and T > 1 and write_first
+                  and (W is None or T <= W))
         return CacheStep(
             rows=rows_t, first_row=rows[0], contiguous=rows == list(range(rows[0], rows[0] + B)),
             positions=positions, n_new=list(n_new), write_first=write_first, n_slots=n_slots,
             mask=mask[:, None], write_b=write_b, write_t=write_t, write_row=rows_t[write_b],
-            write_slot=write_slot)
+            write_slot=write_slot, causal=causal)
+
+    def decode_plan(self, positions: torch.Tensor, write_rows: torch.Tensor) -> CacheStep:
+        """A one-token step over rows 0..R-1, built on the device from tensors alone: no host
+        data, no sync and shapes that depend only on (R, slots), which is what CUDA graphs and
+        torch.compile need. Row b appends the token at positions[b] (its length before the
+        step); write_rows[b] is b, or a spare row for a row that only pads the batch (its keys
+        land there and its output is ignored). Attention reads every slot of the buffer, the
+        unwritten and out-of-window ones masked. The caller advances `lengths` afterwards.
+
+        Same arithmetic as `begin` for n_new = 1: with S = 4 and positions[b] = 6, the step
+        writes slot 6 mod 4 = 2 and the slots hold positions 4 5 6 3, all visible."""
+        R, S = positions.shape[0], self.slots
+        p = positions[:, None]                                           # (R, 1)
+        key_pos = _slot_positions(p + 1, S)                              # (R, S)
+        mask = key_pos >= 0
+        if self.window is not None:
+            mask &= p - key_pos < self.window
+        batch = torch.arange(R, device=positions.device)
+        return CacheStep(
+            rows=batch, first_row=0, contiguous=True, positions=p, n_new=[1] * R,
+            write_first=True, n_slots=S, mask=mask[:, None, None, :], write_b=batch,
+            write_t=torch.zeros_like(batch), write_row=write_rows, write_slot=positions % S)
 
     def update(self, layer: int, step: CacheStep, k_new: torch.Tensor, v_new: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:

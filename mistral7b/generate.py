@@ -19,7 +19,7 @@ from mistral7b.config import ModelConfig
 from mistral7b.detokenizer import StreamDecoder
 from mistral7b.errors import ContextLengthError, InvalidArgumentError
 from mistral7b.model import Transformer
-from mistral7b.sampling import Sampler, SamplingParams
+from mistral7b.sampling import Sampler, SampleResult, SamplingParams
 
 
 @dataclass
@@ -124,9 +124,25 @@ class SequenceState:
         self.n_generated = 0
         self.finish_reason: str | None = None
 
+    @property
+    def plain_greedy(self) -> bool:
+        """The next token is the argmax of the raw logits: no penalty or bias changes them and
+        no logprob is asked for, so a batch of such rows can be sampled with one argmax."""
+        p = self.params
+        return (p.greedy and not p.logit_bias and p.repetition_penalty == 1.0
+                and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+                and not p.logprobs and p.top_logprobs == 0)
+
     def add(self, logits: torch.Tensor) -> StreamPiece:
         """Sample the next token from (vocab,) logits and say what it adds."""
-        result = self.sampler.sample(logits)
+        return self.add_token(self.sampler.sample(logits))
+
+    def add_greedy(self, token_id: int) -> StreamPiece:
+        """Add a token chosen outside the sampler (a batched argmax; see plain_greedy)."""
+        self.sampler.accept(token_id)
+        return self.add_token(SampleResult(token_id, 0.0))
+
+    def add_token(self, result: SampleResult) -> StreamPiece:
         self.n_generated += 1
         wanted = self.params.logprobs or self.params.top_logprobs > 0
         piece = StreamPiece(text="", token_ids=[result.token_id],

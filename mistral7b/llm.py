@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,16 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
     if fill_dtype not in (torch.float32, torch.bfloat16):
         raise InvalidArgumentError(f"prefill_dtype must be float32 or bfloat16 (got "
                                    f"{prefill_dtype!r})")
+    if device.type != "cpu":
+        if quantize is not None:
+            raise InvalidArgumentError(f"quantize={quantize!r}: packed weights run on the CPU "
+                                       f"only; on {device} load float weights")
+        if resolved.suffix == ".gguf" and not dequantize:
+            # The block-format kernels are CPU code: on a GPU the matrices become floats.
+            dequantize = True
+            if progress:
+                print(f"mistral7b: dequantizing {resolved.name} to {torch_dtype} for {device} "
+                      "(quantized GGUF matrices run on the CPU only)", file=sys.stderr)
     _, model, tokenizer = load_checkpoint(resolved, torch_dtype, device, progress, sliding_window,
                                         dequantize, quantize)
     repack_linears(model)           # 8 rows at a time: fewer instructions per block in decode

@@ -75,7 +75,8 @@ class Attention(nn.Module):
             # Query head h reads kv head h // (H / Hkv); enable_gqa shares K/V across the
             # group instead of materialising repeated copies.
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys, values, attn_mask=step.mask,
+                q.transpose(1, 2), keys, values,
+                attn_mask=None if step.causal else step.mask, is_causal=step.causal,
                 enable_gqa=self.n_heads != self.n_kv_heads).transpose(1, 2)  # (B, T, H, hd)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
@@ -204,19 +205,26 @@ class Transformer(nn.Module):
         rows = list(range(B)) if rows is None else rows
         n_new = [T] * B if n_new is None else n_new
         step = cache.begin(rows, n_new)
-        rotations = rope_rotations(step.positions, self.config.head_dim, self.config.rope_theta)
-        h = self.tok_embeddings(tokens)                                  # (B, T, dim)
-        plan = self._fused_decode_plan() if T == 1 else None
-        if plan is not None and fused_decode.can_run(cache, h):
-            h = fused_decode.decode_layers(self, plan, h, cache, step, rotations)
-        else:
-            for i, layer in enumerate(self.layers):
-                h = layer(h, rotations, cache, i, step)
+        h = self.run_layers(tokens, cache, step)
         cache.end(step)
         if last_only:
             last = torch.tensor(n_new, device=h.device) - 1
             h = h[torch.arange(B, device=h.device), last.clamp(min=0)]   # (B, dim)
         return self.head(self.norm(h)).float()
+
+    def run_layers(self, tokens: torch.Tensor, cache: RollingCache, step: CacheStep
+                   ) -> torch.Tensor:
+        """Embed (B, T) tokens and run every layer over a planned cache step; (B, T, dim)
+        hidden states before the final norm. `forward` plans the step on the host;
+        static_decode.py plans it on the device."""
+        rotations = rope_rotations(step.positions, self.config.head_dim, self.config.rope_theta)
+        h = self.tok_embeddings(tokens)                                  # (B, T, dim)
+        plan = self._fused_decode_plan() if tokens.shape[1] == 1 else None
+        if plan is not None and fused_decode.can_run(cache, h):
+            return fused_decode.decode_layers(self, plan, h, cache, step, rotations)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rotations, cache, i, step)
+        return h
 
     def _fused_decode_plan(self) -> fused_decode.DecodeWeights | None:
         if not self.fused_decode:

@@ -169,14 +169,14 @@ def test_a_failing_request_fails_alone(llm: mistral7b.LLM, engine: Engine,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from mistral7b.generate import SequenceState
 
-    real_add = SequenceState.add
+    real_add = SequenceState.add_token      # every token passes here, sampled or argmax
 
-    def add(self: SequenceState, logits: object) -> object:
+    def add(self: SequenceState, result: object) -> object:
         if self.params.seed == 666 and self.n_generated == 3:
             raise RuntimeError("boom")
-        return real_add(self, logits)  # type: ignore[arg-type]
+        return real_add(self, result)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(SequenceState, "add", add)
+    monkeypatch.setattr(SequenceState, "add_token", add)
     ids = [llm.tokenizer.encode(p) for p in PROMPTS[:3]]
     bad = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, seed=666)
     collectors = [Collector() for _ in ids]

@@ -44,7 +44,8 @@ from mistral7b.errors import Mistral7BError
 from mistral7b.generate import SequenceState, StreamPiece, check_prompt, decode_step, prefill
 from mistral7b.model import Transformer
 from mistral7b.sampling import SamplingParams
-from mistral7b.tokenizer import Tokenizer
+from mistral7b.static_decode import StaticDecoder
+from mistral7b.tokenizer import MissingTokenizer, Tokenizer
 
 log = logging.getLogger("mistral7b")
 
@@ -101,12 +102,22 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 16,
                  max_queue: int = 256, prefill_chunk: int = 256,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, static_decode: bool | None = None,
+                 compile: bool = False) -> None:
+        """static_decode: run decode steps of fixed shape (static_decode.py), as CUDA graphs on
+        a GPU; default: on when the model is on CUDA. compile: also pass them through
+        torch.compile."""
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self.cache = RollingCache(model.config, rows=max_batch, dtype=dtype, device=model.device)
+        if static_decode is None:
+            static_decode = model.device.type == "cuda"
+        # A static decoder pads its batches with a spare last row that no request gets.
+        self.cache = RollingCache(model.config, rows=max_batch + int(static_decode), dtype=dtype,
+                                  device=model.device)
+        self.decoder = (StaticDecoder(model, self.cache, compile=compile) if static_decode
+                        else None)
         self._free_rows = list(range(max_batch))
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []          # rows in use, in admission order
@@ -131,7 +142,10 @@ class Engine:
         a prompt the model cannot run, QueueFullError, or EngineClosedError."""
         ids = [int(t) for t in prompt]
         check_prompt(self.model.config, ids, params.max_tokens, params.logit_bias)
-        state = SequenceState(ids, params, self.tokenizer.decode, self.tokenizer.eos_ids)
+        decode = self.tokenizer.decode
+        if isinstance(self.tokenizer, MissingTokenizer) and not params.stop:
+            decode = _no_text                    # token ids only: nothing to detokenize
+        state = SequenceState(ids, params, decode, self.tokenizer.eos_ids)
         with self._lock:
             if not self._accepting:
                 raise EngineClosedError("the server is shutting down and takes no new requests")
@@ -232,16 +246,25 @@ class Engine:
             self._prefill_chunk(filling[0])
         decoding = [r for r in running if r.next_token is not None and not r.cancelled]
         if decoding:
+            rows = [r.row for r in decoding]
+            tokens = [r.next_token for r in decoding if r.next_token is not None]
             try:
-                logits = decode_step(self.model, self.cache, [r.row for r in decoding],
-                                     [r.next_token for r in decoding if r.next_token is not None])
+                if self.decoder is not None:
+                    logits = self.decoder.step(rows, tokens)
+                else:
+                    logits = decode_step(self.model, self.cache, rows, tokens)
             except Exception as e:
                 log.exception("decode step failed")
                 for request in decoding:
                     self._fail(request, f"decode failed: {e}")
                 return
+            # Rows that only need the argmax of their logits share one argmax and one copy to
+            # the host; the others run their own sampler.
+            greedy = [i for i, r in enumerate(decoding) if r.state.plain_greedy]
+            chosen = (dict(zip(greedy, logits[greedy].argmax(dim=-1).tolist(), strict=True))
+                      if greedy else {})
             for i, request in enumerate(decoding):
-                self._emit(request, logits[i])
+                self._emit(request, logits[i], chosen.get(i))
 
     def _prefill_chunk(self, request: _Request) -> None:
         chunk = request.prompt[request.prefilled:request.prefilled + self.prefill_chunk]
@@ -255,10 +278,12 @@ class Engine:
         if request.prefilled == len(request.prompt):
             self._emit(request, logits[0])      # the first generated token
 
-    def _emit(self, request: _Request, logits: torch.Tensor) -> None:
-        """Sample the request's next token and send what it adds."""
+    def _emit(self, request: _Request, logits: torch.Tensor, token: int | None = None) -> None:
+        """Sample the request's next token (unless `token` was already chosen by a batched
+        argmax) and send what it adds."""
         try:
-            piece = request.state.add(logits)
+            piece = (request.state.add(logits) if token is None
+                     else request.state.add_greedy(token))
         except Exception as e:  # e.g. a sampler bug on odd logits: this request alone fails
             log.exception("sampling failed for %s", request.id)
             self._fail(request, f"sampling failed: {e}")
@@ -299,3 +324,7 @@ class Engine:
             request.on_output(output)
         except Exception:  # a consumer's bug must not stop the engine
             log.exception("output callback failed for %s", request.id)
+
+
+def _no_text(ids: Sequence[int]) -> str:
+    return ""

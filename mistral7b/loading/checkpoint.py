@@ -228,6 +228,10 @@ def build_model(config: ModelConfig, tensors: Sequence[TensorRef], name_map: nam
         state[name] = tensor.to(device) if name in packed else tensor.to(device=device,
                                                                           dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
+    # Drop our references before fusing, so that each layer's separate q/k/v and gate/up
+    # matrices are freed as soon as their concatenation exists: a load never holds a second
+    # copy of the weights (on a GPU, peak memory stays at the weights plus one layer).
+    state.clear()
     model.requires_grad_(False)
     model.fuse()
     return model.eval()

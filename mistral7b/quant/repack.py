@@ -28,13 +28,14 @@ def repack_linears(model: nn.Module) -> int:
     """Repack every packed linear layer that can be (a 32-value format, rows in eights) when the
     C++ kernels are available; returns how many were. MISTRAL7B_REPACK=0 keeps the GGUF order
     (to measure the difference)."""
-    if os.environ.get("MISTRAL7B_REPACK") == "0" or kernels.extension() is None:
+    candidates = [m for m in model.modules()
+                  if isinstance(m, QuantLinear) and m.fmt in REPACKED
+                  and m.out_features % 8 == 0 and m.weight.device.type == "cpu"]
+    # Checked in this order so that a float model never builds the kernels.
+    if (not candidates or os.environ.get("MISTRAL7B_REPACK") == "0"
+            or kernels.extension() is None):
         return 0
-    count = 0
-    for module in model.modules():
-        if (isinstance(module, QuantLinear) and module.fmt in REPACKED
-                and module.out_features % 8 == 0 and module.weight.device.type == "cpu"):
-            module.weight = repack(module.weight, module.fmt)
-            module.fmt = REPACKED[module.fmt]
-            count += 1
-    return count
+    for module in candidates:
+        module.weight = repack(module.weight, module.fmt)
+        module.fmt = REPACKED[module.fmt]
+    return len(candidates)

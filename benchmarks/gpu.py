@@ -1,0 +1,326 @@
+"""mistral7b against transformers on one GPU, on Mistral 7B's exact shapes in bfloat16.
+
+    python benchmarks/gpu.py [--model HF_DIR] [--out gpu.json] [--compile]
+    python benchmarks/gpu.py --dry-run          # tiny shapes on the CPU: checks the script
+
+Without --model it writes a checkpoint of Mistral 7B's shapes with random bf16 weights (14.5 GB)
+as a Hugging Face directory, with transformers itself, then measures in one run:
+
+- the device's copy bandwidth, and the decode ceiling it sets (weight bytes / bandwidth);
+- transformers (eager, its default cache): batch-1 and 16-stream greedy decode;
+- mistral7b: load time and peak memory during the load, pre-fill of one long prompt, and greedy
+  decode at 1, 16 and 64 streams through the serving engine (CUDA-graph decode steps), plus
+  batch 1 without them (the plain step) for comparison;
+- ratios, and the % of the ceiling batch-1 decode reaches.
+
+It writes the JSON after every section (a run cut short keeps what it measured) and prints a
+table at the end. It needs only torch, transformers and safetensors beside the package, so it
+runs on a bare GPU machine with `PYTHONPATH=.`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mistral7b
+from mistral7b.cache import RollingCache
+from mistral7b.engine import Engine, EngineOutput
+from mistral7b.generate import prefill
+from mistral7b.sampling import SamplingParams
+
+MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                  sliding_window=4096, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                  rope_theta=10000.0)
+TINY = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+            num_attention_heads=8, num_key_value_heads=2, sliding_window=64,
+            max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """GB/s of a large device-to-device copy, counting the bytes read and written."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    del src, dst
+    return 2 * nbytes / min(times[1:]) / 1e9
+
+
+def write_checkpoint(shapes: dict, dtype: torch.dtype, device: torch.device, directory: Path
+                     ) -> torch.nn.Module:
+    """A MistralForCausalLM of `shapes` with random weights, saved as an HF directory; returns
+    the model (on `device`) for the transformers measurements."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(**shapes, attn_implementation="sdpa")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)            # build in bf16 directly: no float32 copy
+    try:
+        with torch.device(device):
+            model = MistralForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to(dtype).eval()
+    model.save_pretrained(directory, max_shard_size="5GB")
+    return model
+
+
+def time_transformers(model: torch.nn.Module, device: torch.device, batch: int,
+                      prompt_len: int, new: int) -> float:
+    """Greedy decode tok/s (aggregate over the batch) of transformers' generate: the time of
+    `new` tokens minus the time of one (the pre-fill), per decoded token."""
+    ids = torch.randint(3, 1000, (batch, prompt_len), device=device)
+
+    def run(n: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, pad_token_id=0)
+        sync(device)
+        return time.perf_counter() - start
+
+    run(4)                                     # warm-up
+    one, full = run(1), run(new)
+    return batch * (new - 1) / (full - one)
+
+
+def time_prefill(llm: mistral7b.LLM, n: int, repeats: int = 3) -> float:
+    """tok/s of one n-token prompt pre-filled in one chunk (the paper's chunk: the window)."""
+    model = llm.model
+    prompt = torch.randint(3, 1000, (n,)).tolist()
+    times = []
+    for _ in range(repeats + 1):
+        cache = RollingCache(model.config, rows=1, dtype=llm.cache_dtype, device=model.device)
+        sync(model.device)
+        start = time.perf_counter()
+        prefill(model, cache, [0], [prompt], n)
+        sync(model.device)
+        times.append(time.perf_counter() - start)
+        del cache
+    return n / statistics.median(times[1:])
+
+
+def time_engine(llm: mistral7b.LLM, streams: int, prompt_len: int, new: int,
+                static: bool, compile: bool = False) -> dict[str, float]:
+    """Greedy generation for `streams` requests at once through the serving engine. decode
+    tok/s counts the tokens produced after every stream has its first one, over that time;
+    total tok/s is every generated token over the whole wall time (pre-fill included)."""
+    engine = Engine(llm.model, llm.tokenizer, max_batch=streams, max_queue=streams,
+                    prefill_chunk=prompt_len, dtype=llm.cache_dtype, static_decode=static,
+                    compile=compile)
+    engine.start()
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    try:
+        engine_round(engine, streams, prompt_len, params)          # warm-up: graphs captured
+        return engine_round(engine, streams, prompt_len, params)
+    finally:
+        engine.stop()
+
+
+def engine_round(engine: Engine, streams: int, prompt_len: int, params: SamplingParams
+                 ) -> dict[str, float]:
+    lock = threading.Lock()
+    done = threading.Event()
+    events: list[tuple[float, str, int]] = []      # (time, request, tokens in the output)
+    finished: list[str] = []
+    errors: list[str] = []
+
+    def on_output(out: EngineOutput) -> None:
+        now = time.perf_counter()
+        with lock:
+            events.append((now, out.request_id, len(out.piece.token_ids) if out.piece else 0))
+            if out.error:
+                errors.append(out.error)
+            if out.finished:
+                finished.append(out.request_id)
+                if len(finished) == streams:
+                    done.set()
+
+    start = time.perf_counter()
+    for _ in range(streams):
+        engine.submit(torch.randint(3, 1000, (prompt_len,)).tolist(), params, on_output)
+    if not done.wait(timeout=600):
+        raise TimeoutError("the engine did not finish in 600 s")
+    if errors:
+        raise RuntimeError(errors[0])
+    end = max(t for t, _, _ in events)
+    first: dict[str, float] = {}
+    for t, request, _ in events:
+        first.setdefault(request, t)
+    all_started = max(first.values())
+    after = sum(n for t, _, n in events if t > all_started)
+    total = sum(n for _, _, n in events)
+    return {"decode_tok_s": round(after / (end - all_started), 1) if end > all_started else 0.0,
+            "total_tok_s": round(total / (end - start), 1), "tokens": total}
+
+
+def section(results: dict[str, Any], out: Path, name: str, fn: Callable[[], Any]) -> Any:
+    """Run one measurement; a failure is recorded under errors and the run goes on."""
+    start = time.perf_counter()
+    try:
+        value = fn()
+    except Exception as e:
+        results.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+        print(f"  {name}: FAILED {type(e).__name__}: {e}", file=sys.stderr)
+        value = None
+    else:
+        measured = isinstance(value, (int, float, str, dict))   # not a model or an LLM
+        if measured:
+            results[name] = value
+        print(f"  {name}: {value if measured else 'ok'} "
+              f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    out.write_text(json.dumps(results, indent=2))
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="an HF directory (default: write one of "
+                        "Mistral 7B's shapes with random weights)")
+    parser.add_argument("--out", type=Path, default=Path("gpu.json"))
+    parser.add_argument("--streams", default="1,16,64")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per stream")
+    parser.add_argument("--new", type=int, default=128, help="generated tokens per stream")
+    parser.add_argument("--prefill", type=int, default=4096, help="tokens of the long prompt")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time decode with torch.compile'd steps (compiles for "
+                        "about a minute)")
+    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--time-limit", type=float, default=300,
+                        help="start no compiled measurement after this many seconds")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes on the CPU, to check the script")
+    args = parser.parse_args()
+
+    dry = args.dry_run
+    device = torch.device("cpu" if dry or not torch.cuda.is_available() else "cuda")
+    dtype = torch.bfloat16
+    streams = [int(s) for s in args.streams.split(",")]
+    prompt_len, new, prefill_len = ((16, 16, 256) if dry else (args.prompt, args.new,
+                                                               args.prefill))
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": "bfloat16", "prompt_tokens": prompt_len, "new_tokens": new,
+        "shapes": "tiny (dry run)" if dry else "Mistral 7B"}
+    out = args.out
+    started = time.perf_counter()
+
+    bandwidth = section(results, out, "copy_bandwidth_gbs",
+                        lambda: round(copy_bandwidth(device, 2**26 if dry else 2**31), 1))
+    workdir = tempfile.TemporaryDirectory()
+    path = args.model
+    hf_model = None
+    if path is None:
+        path = Path(workdir.name) / "mistral-7b-shapes"
+        hf_model = section(results, out, "write_checkpoint",
+                           lambda: write_checkpoint(TINY if dry else MISTRAL_7B, dtype, device,
+                                                    path))
+    if hf_model is not None and not args.no_transformers:
+        for b in (1, 16):
+            section(results, out, f"transformers_decode_b{b}_tok_s", lambda b=b, m=hf_model:
+                    round(time_transformers(m, device, b, prompt_len, new), 1))
+    hf_model = None                            # free its GPU memory before loading ours
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+    load_start = time.perf_counter()
+    llm = section(results, out, "load", lambda: mistral7b.load(path, dtype="bfloat16",
+                                                                device=device, progress=False))
+    if llm is None:
+        return
+    results["load_s"] = round(time.perf_counter() - load_start, 2)
+    weights = sum(t.nbytes for t in [*llm.model.parameters(), *llm.model.buffers()])
+    results["weights_gb"] = round(weights / 1e9, 2)
+    if device.type == "cuda":
+        results["load_peak_gb"] = round((torch.cuda.max_memory_allocated(device) - before) / 1e9,
+                                        2)
+    if bandwidth:
+        results["ceiling_b1_tok_s"] = round(bandwidth * 1e9 / weights, 1)
+    section(results, out, f"prefill_{prefill_len}_tok_s",
+            lambda: round(time_prefill(llm, prefill_len), 0))
+    section(results, out, "decode_b1_plain_step", lambda: time_engine(
+        llm, 1, prompt_len, new, static=False))
+    for b in streams:
+        section(results, out, f"decode_b{b}", lambda b=b: time_engine(
+            llm, b, prompt_len, new, static=True))
+    for b in streams if args.compile else []:
+        if time.perf_counter() - started > args.time_limit:
+            results.setdefault("skipped", []).append(f"decode_b{b}_compiled (time limit)")
+            continue
+        section(results, out, f"decode_b{b}_compiled", lambda b=b: time_engine(
+            llm, b, prompt_len, new, static=True, compile=True))
+    if device.type == "cuda":
+        results["peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+    summarise(results, streams)
+    out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+def summarise(results: dict[str, Any], streams: list[int]) -> None:
+    """Ratios to transformers and to the bandwidth ceiling, and a table on stderr."""
+    b1 = (results.get("decode_b1") or {}).get("decode_tok_s")
+    ceiling = results.get("ceiling_b1_tok_s")
+    hf1 = results.get("transformers_decode_b1_tok_s")
+    if b1 and ceiling:
+        results["b1_percent_of_ceiling"] = round(100 * b1 / ceiling, 1)
+    if b1 and hf1:
+        results["b1_vs_transformers"] = round(b1 / hf1, 2)
+    hf16 = results.get("transformers_decode_b16_tok_s")
+    b16 = (results.get("decode_b16") or {}).get("decode_tok_s")
+    if b16 and hf16:
+        results["b16_vs_transformers"] = round(b16 / hf16, 2)
+    rows = [("load (s)", results.get("load_s")), ("load peak (GB)", results.get("load_peak_gb")),
+            ("weights (GB)", results.get("weights_gb")),
+            ("ceiling b1 (tok/s)", ceiling)]
+    for key, value in results.items():
+        if key.startswith("prefill_"):
+            rows.append((key, value))
+    for b in streams:
+        entry = results.get(f"decode_b{b}") or {}
+        rows.append((f"decode {b} streams (tok/s)", entry.get("decode_tok_s")))
+    for b in streams:
+        entry = results.get(f"decode_b{b}_compiled") or {}
+        if entry:
+            rows.append((f"compiled, {b} streams (tok/s)", entry.get("decode_tok_s")))
+    plain = results.get("decode_b1_plain_step") or {}
+    rows.append(("decode b1, plain step", plain.get("decode_tok_s")))
+    rows += [("transformers b1", hf1), ("transformers b16", hf16),
+             ("b1 % of ceiling", results.get("b1_percent_of_ceiling"))]
+    for name, value in rows:
+        shown = f"{value:.1f}" if isinstance(value, float) else str(value)
+        print(f"{name:>32}  {shown}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

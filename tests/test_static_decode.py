@@ -1,0 +1,151 @@
+"""Decode steps of fixed shape (static_decode.py): the same tokens and logits as the plain step,
+eager, through torch.compile (inductor, on the CPU) and as CUDA graphs (marked `cuda`), past the
+window's wrap-around and with rows of unequal lengths joining and leaving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import mistral7b
+from mistral7b.cache import RollingCache
+from mistral7b.engine import Engine, EngineOutput
+from mistral7b.generate import decode_step, prefill
+from mistral7b.sampling import SamplingParams
+from mistral7b.static_decode import StaticDecoder
+from tests.conftest import WINDOW, wait_until
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+PROMPTS = [[5, 9, 1, 77, 3], [4] * 13, [100, 2]]
+STEPS = 2 * WINDOW + 3                  # every row wraps its window-sized buffer
+
+
+@pytest.fixture(scope="module")
+def llm(mistral_dir: Path) -> mistral7b.LLM:
+    return mistral7b.load(mistral_dir, progress=False)
+
+
+def greedy_run(model: torch.nn.Module, device: str, decoder_args: dict | None
+               ) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy tokens and per-step logits of three rows; row 1 leaves half-way, so the later
+    steps run rows 0 and 2 only (a padded bucket for the static decoder)."""
+    cache = RollingCache(model.config, rows=4, device=device, initial_slots=4)
+    decoder = StaticDecoder(model, cache, **decoder_args) if decoder_args is not None else None
+    rows = [0, 1, 2]
+    tokens = prefill(model, cache, rows, PROMPTS, 8).argmax(-1).tolist()
+    history, logits = [list(tokens)], []
+    for i in range(STEPS):
+        if i == STEPS // 2:
+            rows, tokens = [0, 2], [tokens[0], tokens[2]]
+        step = (decoder.step(rows, tokens) if decoder is not None
+                else decode_step(model, cache, rows, tokens))
+        logits.append(step.cpu())
+        tokens = step.argmax(-1).tolist()
+        history.append(list(tokens))
+    return history, logits
+
+
+def assert_same(a: tuple[list[list[int]], list[torch.Tensor]],
+                b: tuple[list[list[int]], list[torch.Tensor]], atol: float) -> None:
+    assert a[0] == b[0]
+    worst = max((x - y).abs().max().item() for x, y in zip(a[1], b[1], strict=True))
+    assert worst <= atol, worst
+
+
+def test_eager_static_step_equals_the_plain_step_bit_for_bit(llm: mistral7b.LLM) -> None:
+    assert_same(greedy_run(llm.model, "cpu", None),
+                greedy_run(llm.model, "cpu", {"cuda_graphs": False}), atol=0.0)
+
+
+def test_compiled_step_gives_the_same_greedy_tokens(llm: mistral7b.LLM) -> None:
+    assert_same(greedy_run(llm.model, "cpu", None),
+                greedy_run(llm.model, "cpu", {"cuda_graphs": False, "compile": True}),
+                atol=1e-4)
+
+
+def test_bucket_sizes_and_limits(llm: mistral7b.LLM) -> None:
+    decoder = StaticDecoder(llm.model, RollingCache(llm.config, rows=11))
+    assert [decoder.bucket(n) for n in (1, 2, 3, 5, 9, 10)] == [1, 2, 4, 8, 10, 10]
+    with pytest.raises(ValueError, match="outside the cache's 10 rows"):
+        decoder.bucket(11)
+    with pytest.raises(ValueError, match="spare last row"):
+        StaticDecoder(llm.model, RollingCache(llm.config, rows=1))
+
+
+def test_packed_models_keep_the_cpu_decode_step() -> None:
+    llm = mistral7b.load(progress=False)      # the default model: Q4_1 GGUF
+    with pytest.raises(ValueError, match="C\\+\\+ decode step"):
+        StaticDecoder(llm.model, RollingCache(llm.config, rows=2))
+
+
+def engine_outputs(llm: mistral7b.LLM, static: bool) -> list[list[int]]:
+    engine = Engine(llm.model, llm.tokenizer, max_batch=3, prefill_chunk=4,
+                    static_decode=static)
+    engine.start()
+    outputs: dict[int, list[int]] = {i: [] for i in range(len(PROMPTS))}
+    finished: list[int] = []
+
+    def collect(i: int) -> object:
+        def on_output(out: EngineOutput) -> None:
+            if out.piece is not None:
+                outputs[i] += out.piece.token_ids
+            if out.finished:
+                finished.append(i)
+        return on_output
+
+    try:
+        for i, prompt in enumerate(PROMPTS):
+            params = SamplingParams(max_tokens=10 + 7 * i, temperature=0, ignore_eos=True)
+            engine.submit(prompt, params, collect(i))  # type: ignore[arg-type]
+        assert wait_until(lambda: len(finished) == len(PROMPTS), timeout=120)
+    finally:
+        engine.stop()
+    return [outputs[i] for i in range(len(PROMPTS))]
+
+
+def test_engine_with_static_steps_generates_the_same_tokens(llm: mistral7b.LLM) -> None:
+    assert engine_outputs(llm, static=True) == engine_outputs(llm, static=False)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_graph_steps_equal_the_plain_steps(mistral_dir: Path) -> None:
+    model = mistral7b.load(mistral_dir, device="cuda", progress=False).model
+    assert_same(greedy_run(model, "cuda", None), greedy_run(model, "cuda", {}), atol=1e-4)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_engine_matches_the_cpu_engine(mistral_dir: Path, llm: mistral7b.LLM) -> None:
+    gpu = mistral7b.load(mistral_dir, device="cuda", progress=False)
+    assert engine_outputs(gpu, static=True) == engine_outputs(llm, static=False)
+
+
+def test_a_float_model_never_builds_the_cpu_kernels(mistral_dir: Path) -> None:
+    """Loading float weights (e.g. onto a GPU machine) must not compile the packed-format C++
+    kernels, which it does not use."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, mistral7b; mistral7b.load({str(mistral_dir)!r}, progress=False); "
+            "print([m for m in sys.modules if m.startswith('mistral7b_kernels')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300)
+    assert out.stdout.strip() == "[]"
+
+
+@cuda
+@pytest.mark.cuda
+def test_gguf_on_cuda_is_dequantized_and_matches_the_cpu(tmp_path: Path) -> None:
+    gguf = pytest.importorskip("gguf")
+    from tests.conftest import make_hf_mistral
+    from tests.gguf_writer import write_gguf
+
+    path = tmp_path / "q8_0.gguf"
+    write_gguf(make_hf_mistral(), path, gguf.GGMLQuantizationType.Q8_0, window=WINDOW)
+    cpu = mistral7b.load(path, progress=False)
+    gpu = mistral7b.load(path, device="cuda", progress=False)
+    ids = [1, 5, 9, 3, 7]
+    assert torch.allclose(gpu.logits(ids).cpu(), cpu.logits(ids), atol=1e-3)
