@@ -1,15 +1,16 @@
-"""Generation, layered as in mlx-lm: `prefill`/`decode_step` turn tokens into logits and fill the
-cache; `stream_batch` drives any number of sequences step by step and yields text pieces;
-`LLM.generate`, `LLM.stream_generate` and `LLM.generate_batch` are thin wrappers over it.
+"""Generation's building blocks, layered as in mlx-lm: `prefill`/`decode_step` turn tokens into
+logits and fill the cache; `SequenceState` turns one sequence's logits into tokens and text
+pieces. The engine (engine/engine.py) drives them for every caller: `LLM.generate`,
+`stream_generate`, `generate_batch`, `chat`, the CLI and the server.
 
-A batch is one RollingCache with a row per sequence. Prompts of unequal lengths are pre-filled
-together in chunks (each row carries its own count of real tokens, the rest is padding that the
-cache masks out), then every unfinished row decodes one token per step.
+A batch is one RollingCache with a row per sequence. Prompts of unequal lengths can be
+pre-filled together in chunks (each row carries its own count of real tokens, the rest is padding
+that the cache masks out); every unfinished row decodes one token per step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -113,7 +114,7 @@ def all_logits(model: Transformer, prompt: Sequence[int], chunk_size: int,
 
 class SequenceState:
     """Book-keeping of one generated sequence: its sampler, its streaming detokenizer and its
-    stop conditions (used by stream_batch and by the serving engine)."""
+    stop conditions (the engine keeps one per request)."""
 
     def __init__(self, prompt: Sequence[int], params: SamplingParams,
                  decode: Callable[[list[int]], str], eos_ids: frozenset[int]) -> None:
@@ -160,31 +161,3 @@ class SequenceState:
             self.finish_reason = "length"
             piece.text += self.decoder.flush()
         return piece
-
-
-def stream_batch(model: Transformer, prompts: Sequence[Sequence[int]],
-                 params: Sequence[SamplingParams], decode: Callable[[list[int]], str],
-                 eos_ids: frozenset[int], chunk_size: int, dtype: torch.dtype
-                 ) -> Iterator[tuple[int, StreamPiece]]:
-    """Generate for every prompt at once; yields (prompt index, piece) as tokens arrive. The last
-    piece of each sequence has its finish_reason set."""
-    for prompt, p in zip(prompts, params, strict=True):
-        check_prompt(model.config, prompt, p.max_tokens, p.logit_bias)
-    cache = RollingCache(model.config, rows=len(prompts), dtype=dtype,
-                         device=model.device)
-    seqs = [SequenceState(prompt, p, decode, eos_ids) for prompt, p in zip(prompts, params,
-                                                                      strict=True)]
-    rows = list(range(len(prompts)))
-    logits = prefill(model, cache, rows, prompts, chunk_size)
-    while rows:
-        next_rows, next_tokens = [], []
-        for i, row in enumerate(rows):
-            piece = seqs[row].add(logits[i])
-            piece.finish_reason = seqs[row].finish_reason
-            yield row, piece
-            if piece.finish_reason is None:
-                next_rows.append(row)
-                next_tokens.append(piece.token_ids[0])
-        rows = next_rows
-        if rows:
-            logits = decode_step(model, cache, rows, next_tokens)

@@ -12,6 +12,7 @@ import torch
 from mistral7b.config import ModelConfig
 from mistral7b.default_model import default_model_path
 from mistral7b.device import resolve_device
+from mistral7b.engine.engine import Engine, run_requests
 from mistral7b.errors import InvalidArgumentError
 from mistral7b.generate import (
     GenerationResult,
@@ -19,7 +20,6 @@ from mistral7b.generate import (
     all_logits,
     check_prompt,
     default_chunk_size,
-    stream_batch,
 )
 from mistral7b.guardrails.moderation import ModerationResult, Moderator, Role
 from mistral7b.guardrails.safety import SAFETY_PROMPT, with_safety_prompt
@@ -172,11 +172,22 @@ class LLM:
         has_text = not isinstance(self.tokenizer, MissingTokenizer)
         if not has_text and any(p.stop for p in params):
             self.tokenizer.decode([])  # raises the tokenizer's explanation
-        return stream_batch(self.model, prompts, params,
-                            self.tokenizer.decode if has_text else _no_text,
-                            self.tokenizer.eos_ids, self._chunk(chunk_size), self.cache_dtype)
+        if not prompts:
+            return
+        # One engine per call, sized for its prompts and driven from this thread: the same
+        # scheduler as the server, so a prompt gets the same tokens here, batched with others,
+        # and there.
+        engine = Engine(self.model, self.tokenizer, max_batch=len(prompts),
+                        max_queue=len(prompts), prefill_chunk=self._chunk(chunk_size),
+                        dtype=self.cache_dtype)
+        try:
+            yield from run_requests(engine, prompts, params)
+        finally:
+            engine.stop()
 
     def _chunk(self, chunk_size: int | None) -> int:
+        if chunk_size is not None and chunk_size < 1:
+            raise InvalidArgumentError(f"chunk_size must be >= 1 (got {chunk_size})")
         return chunk_size if chunk_size is not None else default_chunk_size(self.config)
 
 
@@ -193,10 +204,6 @@ def _safe_text(prompt: Prompt) -> str:
         raise InvalidArgumentError("safe_prompt: needs a text prompt (token ids are used as "
                                    "given); for chat models use chat(..., safe_prompt=True)")
     return f"{SAFETY_PROMPT}\n\n{prompt}"
-
-
-def _no_text(ids: list[int]) -> str:
-    return ""
 
 
 def load(path: str | Path | None = None, dtype: str | torch.dtype = "float32",

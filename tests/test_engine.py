@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 
 import mistral7b
-from mistral7b.engine import Engine, EngineClosedError, EngineOutput, QueueFullError
+from mistral7b.engine import Engine, EngineClosedError, EngineOutput, EngineStats, QueueFullError
 from mistral7b.errors import ContextLengthError, InvalidArgumentError
 from mistral7b.sampling import SamplingParams
 from tests.conftest import wait_until
@@ -190,3 +190,21 @@ def test_a_failing_request_fails_alone(llm: mistral7b.LLM, engine: Engine,
     for i in (0, 2):
         assert collectors[i].tokens == llm.generate(ids[i], GREEDY, chunk_size=32).token_ids
     assert wait_until(lambda: engine.stats().free_rows == engine.max_batch)
+
+
+def test_an_unstarted_engine_is_driven_by_its_caller_and_freed_on_early_exit(
+        llm: mistral7b.LLM) -> None:
+    """run_requests steps an engine that has no thread (LLM.generate's synchronous front); a
+    consumer that stops early cancels the rest, and the rows come back."""
+    from mistral7b.engine.engine import run_requests
+
+    engine = Engine(llm.model, llm.tokenizer, max_batch=2)
+    ids = [llm.tokenizer.encode(p) for p in PROMPTS[:2]]
+    stream = run_requests(engine, ids, [GREEDY, GREEDY])
+    pieces = [next(stream) for _ in range(5)]
+    assert {i for i, _ in pieces} == {0, 1} and not engine.started
+    stream.close()
+    assert engine.run_once() is False              # the cancelled requests are dropped
+    assert engine.stats() == EngineStats(waiting=0, running=0, free_rows=2)
+    alone = llm.generate(ids[0], GREEDY)
+    assert [p.token_ids[0] for i, p in pieces if i == 0] == alone.token_ids[:3]

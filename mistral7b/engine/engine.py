@@ -29,12 +29,14 @@ failed). Consumers in another thread or event loop hand them over themselves.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -136,6 +138,12 @@ class Engine:
                                             daemon=True)
             self._thread.start()
 
+    @property
+    def started(self) -> bool:
+        """True while a background thread runs the loop (start()); otherwise the caller drives
+        it with run_once()."""
+        return self._thread is not None
+
     def submit(self, prompt: Sequence[int], params: SamplingParams,
                on_output: OutputCallback) -> str:
         """Queue a request; returns its id. Raises InvalidArgumentError / ContextLengthError for
@@ -213,16 +221,28 @@ class Engine:
                 self._drop_cancelled()
                 if self._stopping and not self._running and not self._waiting:
                     return
-                self._admit()
-                running = list(self._running)
-            try:
-                self._step(running)
-            except Exception:  # a bug in a step must not kill the server: fail its requests
-                log.exception("engine step failed")
-                for request in running:
-                    self._fail(request, "internal error in the engine step (see the server log)")
-            with self._lock:
-                self._lock.notify_all()            # wakes drain()
+            self.run_once()
+
+    def run_once(self) -> bool:
+        """One iteration of the loop (admit, one pre-fill chunk, one decode step) in the calling
+        thread: the synchronous front that `LLM.generate` drives instead of start(), so its
+        matmuls run on the caller's thread and its OpenMP team. False when nothing was
+        waiting or running."""
+        with self._lock:
+            self._drop_cancelled()
+            self._admit()
+            running = list(self._running)
+        if not running:
+            return False
+        try:
+            self._step(running)
+        except Exception:  # a bug in a step must not kill the server: fail its requests
+            log.exception("engine step failed")
+            for request in running:
+                self._fail(request, "internal error in the engine step (see the server log)")
+        with self._lock:
+            self._lock.notify_all()                # wakes drain()
+        return True
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in (*self._waiting, *self._running) if r.cancelled]:
@@ -328,3 +348,37 @@ class Engine:
 
 def _no_text(ids: Sequence[int]) -> str:
     return ""
+
+
+def run_requests(engine: Engine, prompts: Sequence[Sequence[int]],
+                 params: Sequence[SamplingParams]) -> Iterator[tuple[int, StreamPiece]]:
+    """Submit every prompt and yield (prompt index, piece) as pieces arrive; the last piece of
+    each prompt has its finish_reason set. An engine that was not start()ed is driven here, in
+    the caller's thread (run_once between pieces). Every prompt is checked before any is
+    submitted. A consumer that stops early cancels what is left; a request that fails raises
+    Mistral7BError with the engine's reason."""
+    for prompt, p in zip(prompts, params, strict=True):
+        check_prompt(engine.model.config, prompt, p.max_tokens, p.logit_bias)
+    arrived: queue.Queue[tuple[int, EngineOutput]] = queue.Queue()
+    ids = [engine.submit(prompt, p, functools.partial(_put, arrived, i))
+           for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))]
+    left = len(ids)
+    try:
+        while left:
+            while not engine.started and arrived.empty():
+                engine.run_once()
+            i, out = arrived.get()
+            if out.error is not None:
+                raise Mistral7BError(out.error)
+            if out.finished:
+                left -= 1
+            if out.piece is not None:
+                out.piece.finish_reason = out.finish_reason if out.finished else None
+                yield i, out.piece
+    finally:
+        for request_id in ids:
+            engine.cancel(request_id)
+
+
+def _put(arrived: queue.Queue[tuple[int, EngineOutput]], index: int, out: EngineOutput) -> None:
+    arrived.put((index, out))
