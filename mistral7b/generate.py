@@ -20,7 +20,7 @@ from mistral7b.config import ModelConfig
 from mistral7b.detokenizer import StreamDecoder
 from mistral7b.errors import ContextLengthError, InvalidArgumentError
 from mistral7b.model import Transformer
-from mistral7b.sampling import Sampler, SampleResult, SamplingParams
+from mistral7b.sampling import SampleResult, SamplingParams
 
 
 @dataclass
@@ -113,37 +113,19 @@ def all_logits(model: Transformer, prompt: Sequence[int], chunk_size: int,
 
 
 class SequenceState:
-    """Book-keeping of one generated sequence: its sampler, its streaming detokenizer and its
-    stop conditions (the engine keeps one per request)."""
+    """Book-keeping of one generated sequence: its streaming detokenizer and its stop conditions
+    (the engine keeps one per request; its tokens come from the engine's BatchSampler)."""
 
-    def __init__(self, prompt: Sequence[int], params: SamplingParams,
-                 decode: Callable[[list[int]], str], eos_ids: frozenset[int]) -> None:
+    def __init__(self, params: SamplingParams, decode: Callable[[list[int]], str],
+                 eos_ids: frozenset[int]) -> None:
         self.params = params
-        self.sampler = Sampler(params, prompt)
         self.decoder = StreamDecoder(decode, params.stop)
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
         self.n_generated = 0
         self.finish_reason: str | None = None
 
-    @property
-    def plain_greedy(self) -> bool:
-        """The next token is the argmax of the raw logits: no penalty or bias changes them and
-        no logprob is asked for, so a batch of such rows can be sampled with one argmax."""
-        p = self.params
-        return (p.greedy and not p.logit_bias and p.repetition_penalty == 1.0
-                and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
-                and not p.logprobs and p.top_logprobs == 0)
-
-    def add(self, logits: torch.Tensor) -> StreamPiece:
-        """Sample the next token from (vocab,) logits and say what it adds."""
-        return self.add_token(self.sampler.sample(logits))
-
-    def add_greedy(self, token_id: int) -> StreamPiece:
-        """Add a token chosen outside the sampler (a batched argmax; see plain_greedy)."""
-        self.sampler.accept(token_id)
-        return self.add_token(SampleResult(token_id, 0.0))
-
     def add_token(self, result: SampleResult) -> StreamPiece:
+        """Take the sampled token (batch_sampling.py chose it) and say what it adds."""
         self.n_generated += 1
         wanted = self.params.logprobs or self.params.top_logprobs > 0
         piece = StreamPiece(text="", token_ids=[result.token_id],

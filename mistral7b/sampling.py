@@ -27,8 +27,10 @@ import torch
 from mistral7b.errors import InvalidArgumentError
 
 __all__ = [
+    "RANGES",
     "InvalidSamplingParam",
     "LogitsProcessor",
+    "Range",
     "SampleFn",
     "SampleResult",
     "Sampler",
@@ -47,6 +49,8 @@ __all__ = [
 MAX_TEMPERATURE = 100.0
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0        # OpenAI's range for a logit_bias value: [-100, 100]
+MAX_REPETITION_PENALTY = 100.0
+MAX_STOP = 16                 # stop strings per request
 _SEED_MASK = (1 << 64) - 1
 
 
@@ -122,6 +126,50 @@ def _check_range(
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values one numeric sampling parameter accepts."""
+
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+    integer: bool = False
+
+    def check(self, name: str, value: object) -> float:
+        """`value` as a number, or an InvalidSamplingParam naming `name` and this range."""
+        number = (_require_int(name, value) if self.integer
+                  else _require_number(name, value))
+        _check_range(name, number, self.low, self.high, low_inclusive=self.low_inclusive,
+                     high_inclusive=self.high_inclusive)
+        return number
+
+    def bounds(self) -> dict[str, float]:
+        """The range as pydantic Field keywords (ge/gt/le/lt), for the server's schemas."""
+        out: dict[str, float] = {}
+        if self.low is not None:
+            out["ge" if self.low_inclusive else "gt"] = self.low
+        if self.high is not None:
+            out["le" if self.high_inclusive else "lt"] = self.high
+        return out
+
+
+# The one table of sampling limits: SamplingParams checks every value against it, and the
+# server's request schemas and the CLI (through SamplingParams) accept exactly these ranges.
+RANGES: dict[str, Range] = {
+    "max_tokens": Range(1, integer=True),
+    "temperature": Range(0.0, MAX_TEMPERATURE),
+    "top_k": Range(-1, integer=True),                       # 0 and -1 (vLLM's) turn it off
+    "top_p": Range(0.0, 1.0, low_inclusive=False),
+    "min_p": Range(0.0, 1.0),
+    "repetition_penalty": Range(0.0, MAX_REPETITION_PENALTY, low_inclusive=False),
+    "presence_penalty": Range(-2.0, 2.0),
+    "frequency_penalty": Range(-2.0, 2.0),
+    "top_logprobs": Range(0, MAX_TOP_LOGPROBS, integer=True),
+    "logit_bias": Range(-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS),   # each value
+}
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Validated, immutable sampling settings for one request.
 
@@ -152,34 +200,11 @@ class SamplingParams:
     logit_bias: Any = ()
 
     def __post_init__(self) -> None:
-        max_tokens = _require_int("max_tokens", self.max_tokens)
-        _check_range("max_tokens", max_tokens, 1)
-
-        temperature = _require_number("temperature", self.temperature)
-        _check_range("temperature", temperature, 0.0, MAX_TEMPERATURE)
-
-        top_k = _require_int("top_k", self.top_k)
-        _check_range("top_k", top_k, 0)
-
-        top_p = _require_number("top_p", self.top_p)
-        _check_range("top_p", top_p, 0.0, 1.0, low_inclusive=False)
-
-        min_p = _require_number("min_p", self.min_p)
-        _check_range("min_p", min_p, 0.0, 1.0)
-
-        repetition_penalty = _require_number("repetition_penalty", self.repetition_penalty)
-        _check_range("repetition_penalty", repetition_penalty, 0.0, low_inclusive=False)
-        if math.isinf(repetition_penalty):
-            raise InvalidSamplingParam(
-                f"repetition_penalty must be finite and > 0 (got {self.repetition_penalty!r})"
-            )
-
-        presence_penalty = _require_number("presence_penalty", self.presence_penalty)
-        _check_range("presence_penalty", presence_penalty, -2.0, 2.0)
-
-        frequency_penalty = _require_number("frequency_penalty", self.frequency_penalty)
-        _check_range("frequency_penalty", frequency_penalty, -2.0, 2.0)
-
+        for name, limits in RANGES.items():
+            if name != "logit_bias":
+                limits.check(name, getattr(self, name))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)            # off, as 0 is
         if self.seed is not None:
             _require_int("seed", self.seed)
 
@@ -190,9 +215,6 @@ class SamplingParams:
 
         _require_bool("ignore_eos", self.ignore_eos)
         _require_bool("logprobs", self.logprobs)
-
-        top_logprobs = _require_int("top_logprobs", self.top_logprobs)
-        _check_range("top_logprobs", top_logprobs, 0, MAX_TOP_LOGPROBS)
 
         object.__setattr__(self, "logit_bias", self._normalise_logit_bias(self.logit_bias))
 
@@ -208,11 +230,14 @@ class SamplingParams:
             raise InvalidSamplingParam(
                 f"stop must be a string or a sequence of strings (got {value!r})"
             )
+        if len(items) > MAX_STOP:
+            raise InvalidSamplingParam(f"stop must hold at most {MAX_STOP} strings (got "
+                                       f"{len(items)})")
         for item in items:
             if not isinstance(item, str):
                 raise InvalidSamplingParam(f"stop entries must be strings (got {item!r})")
             if not item:
-                raise InvalidSamplingParam("stop entries must be non-empty strings (got '')")
+                raise InvalidSamplingParam("stop must not hold empty strings (got '')")
         return items
 
     @staticmethod
@@ -258,9 +283,7 @@ class SamplingParams:
                 raise InvalidSamplingParam(
                     f"logit_bias: keys must be token ids >= 0 (got {key!r})"
                 )
-            number = _require_number(f"logit_bias[{key}]", bias)
-            _check_range(f"logit_bias[{key}]", number, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
-            pairs[key] = number
+            pairs[key] = RANGES["logit_bias"].check(f"logit_bias[{key}]", bias)
         return tuple(sorted(pairs.items()))
 
     @property

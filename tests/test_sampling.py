@@ -10,6 +10,7 @@ from transformers import RepetitionPenaltyLogitsProcessor
 
 from mistral7b.errors import Mistral7BError
 from mistral7b.sampling import (
+    RANGES,
     InvalidSamplingParam,
     Sampler,
     SampleResult,
@@ -66,7 +67,7 @@ BAD_PARAMS = [
     ("temperature", 101.0),
     ("temperature", float("nan")),
     ("temperature", "hot"),
-    ("top_k", -1),
+    ("top_k", -2),
     ("top_k", 2.0),
     ("top_p", 0.0),
     ("top_p", -0.5),
@@ -118,8 +119,8 @@ def test_invalid_params_name_their_field(field: str, value: object) -> None:
         ("frequency_penalty", -3.0, "[-2, 2]"),
         ("top_logprobs", 50, "[0, 20]"),
         ("max_tokens", 0, ">= 1"),
-        ("top_k", -3, ">= 0"),
-        ("repetition_penalty", 0.0, "> 0"),
+        ("top_k", -3, ">= -1"),
+        ("repetition_penalty", 0.0, "(0, 100]"),
     ],
 )
 def test_range_errors_state_range_and_value(field: str, value: float, allowed: str) -> None:
@@ -459,3 +460,33 @@ def test_rejects_bad_logits_shape_and_prompt_ids() -> None:
         sampler.sample(torch.zeros(2, 5))
     with pytest.raises(ValueError):
         Sampler(SamplingParams(), [10]).sample(torch.zeros(5))
+
+
+@pytest.mark.parametrize("name", [n for n in RANGES if n != "logit_bias"])
+def test_the_server_schema_and_sampling_params_share_one_table(name: str) -> None:
+    """Every edge of RANGES: the server's request schema and SamplingParams accept and refuse
+    the same values (the CLI builds SamplingParams, so it follows too)."""
+    import pydantic
+
+    from mistral7b.server.schemas import CompletionRequest
+
+    limits = RANGES[name]
+    field = "logprobs" if name == "top_logprobs" else name
+    edges = []
+    for edge, inclusive, step in ((limits.low, limits.low_inclusive, -1),
+                                  (limits.high, limits.high_inclusive, 1)):
+        if edge is not None:
+            edges += [(edge, inclusive), (edge + step * (1 if limits.integer else 0.5), False)]
+    for value, allowed in edges:
+        value = int(value) if limits.integer else value
+        try:
+            CompletionRequest(prompt="x", **{field: value})
+            server_ok = True
+        except pydantic.ValidationError:
+            server_ok = False
+        try:
+            SamplingParams(**{name: value})
+            api_ok = True
+        except InvalidSamplingParam:
+            api_ok = False
+        assert server_ok == api_ok == allowed, (name, value)

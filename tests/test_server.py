@@ -195,7 +195,7 @@ def test_models_health_metrics_tokenize(srv: Running, llm: mistral7b.LLM) -> Non
 
 @pytest.mark.parametrize(("body", "param", "words"), [
     ({"max_tokens": -1}, "max_tokens", "greater than or equal to 1"),
-    ({"temperature": 5}, "temperature", "less than or equal to 2"),
+    ({"temperature": 500}, "temperature", "less than or equal to 100"),
     ({"temperature": "hot"}, "temperature", "number"),
     ({"messages": []}, "messages", "at least 1"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "system"),
@@ -285,14 +285,14 @@ def test_engine_failure_is_a_500_for_that_request_only(srv: Running,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from mistral7b.generate import SequenceState
 
-    real_add = SequenceState.add
+    real_add = SequenceState.add_token
 
-    def add(self: SequenceState, logits: object) -> object:
+    def add(self: SequenceState, result: object) -> object:
         if self.params.seed == 666:
             raise RuntimeError("the sampler exploded")
-        return real_add(self, logits)  # type: ignore[arg-type]
+        return real_add(self, result)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(SequenceState, "add", add)
+    monkeypatch.setattr(SequenceState, "add_token", add)
     r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "hi", "seed": 666},
                    timeout=60)
     assert r.status_code == 500 and "sampler exploded" in r.json()["error"]["message"]

@@ -41,11 +41,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mistral7b.batch_sampling import BatchSampler
 from mistral7b.cache import RollingCache
 from mistral7b.errors import Mistral7BError
 from mistral7b.generate import SequenceState, StreamPiece, check_prompt, decode_step, prefill
 from mistral7b.model import Transformer
-from mistral7b.sampling import SamplingParams
+from mistral7b.sampling import SampleResult, SamplingParams
 from mistral7b.static_decode import StaticDecoder
 from mistral7b.tokenizer import MissingTokenizer, Tokenizer
 
@@ -120,6 +121,7 @@ class Engine:
                                   device=model.device)
         self.decoder = (StaticDecoder(model, self.cache, compile=compile) if static_decode
                         else None)
+        self.sampler = BatchSampler(self.cache.rows, model.config.vocab_size, model.device)
         self._free_rows = list(range(max_batch))
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []          # rows in use, in admission order
@@ -153,7 +155,7 @@ class Engine:
         decode = self.tokenizer.decode
         if isinstance(self.tokenizer, MissingTokenizer) and not params.stop:
             decode = _no_text                    # token ids only: nothing to detokenize
-        state = SequenceState(ids, params, decode, self.tokenizer.eos_ids)
+        state = SequenceState(params, decode, self.tokenizer.eos_ids)
         with self._lock:
             if not self._accepting:
                 raise EngineClosedError("the server is shutting down and takes no new requests")
@@ -258,6 +260,7 @@ class Engine:
             request = self._waiting.popleft()
             request.row = self._free_rows.pop(0)
             self.cache.reset(request.row)
+            self.sampler.start(request.row, request.params, request.prompt)
             self._running.append(request)
 
     def _step(self, running: list[_Request]) -> None:
@@ -278,13 +281,7 @@ class Engine:
                 for request in decoding:
                     self._fail(request, f"decode failed: {e}")
                 return
-            # Rows that only need the argmax of their logits share one argmax and one copy to
-            # the host; the others run their own sampler.
-            greedy = [i for i, r in enumerate(decoding) if r.state.plain_greedy]
-            chosen = (dict(zip(greedy, logits[greedy].argmax(dim=-1).tolist(), strict=True))
-                      if greedy else {})
-            for i, request in enumerate(decoding):
-                self._emit(request, logits[i], chosen.get(i))
+            self._sample(decoding, logits)
 
     def _prefill_chunk(self, request: _Request) -> None:
         chunk = request.prompt[request.prefilled:request.prefilled + self.prefill_chunk]
@@ -296,15 +293,26 @@ class Engine:
             return
         request.prefilled += len(chunk)
         if request.prefilled == len(request.prompt):
-            self._emit(request, logits[0])      # the first generated token
+            self._sample([request], logits)     # the first generated token
 
-    def _emit(self, request: _Request, logits: torch.Tensor, token: int | None = None) -> None:
-        """Sample the request's next token (unless `token` was already chosen by a batched
-        argmax) and send what it adds."""
+    def _sample(self, requests: list[_Request], logits: torch.Tensor) -> None:
+        """Sample every request's next token from its row of `logits` in one batch (one copy to
+        the host) and send what each adds."""
         try:
-            piece = (request.state.add(logits) if token is None
-                     else request.state.add_greedy(token))
-        except Exception as e:  # e.g. a sampler bug on odd logits: this request alone fails
+            results = self.sampler.sample([r.row for r in requests], logits)
+        except Exception as e:
+            log.exception("sampling failed")
+            for request in requests:
+                self._fail(request, f"sampling failed: {e}")
+            return
+        for request, result in zip(requests, results, strict=True):
+            self._emit(request, result)
+
+    def _emit(self, request: _Request, result: SampleResult) -> None:
+        """Send what the request's sampled token adds."""
+        try:
+            piece = request.state.add_token(result)
+        except Exception as e:  # e.g. a detokenizer bug on odd ids: this request alone fails
             log.exception("sampling failed for %s", request.id)
             self._fail(request, f"sampling failed: {e}")
             return

@@ -34,7 +34,6 @@ from mistral7b.server.errors import APIError
 from mistral7b.server.middleware import RequestMiddleware, report_usage
 from mistral7b.server.schemas import (
     MAX_CHOICES,
-    MAX_STOP,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
@@ -245,17 +244,11 @@ def sampling_params(body: SamplingFields, limit: int | None, prompt_len: int, co
             raise ContextLengthError(
                 f"prompt of {prompt_len} tokens fills the model's context length of {context} "
                 "tokens, leaving no room to generate; shorten the prompt")
-    stops = body.stop_list()
-    if len(stops) > MAX_STOP:
-        raise APIError(400, f"stop: at most {MAX_STOP} stop strings (got {len(stops)})",
-                       param="stop")
-    if any(s == "" for s in stops):
-        raise APIError(400, "stop: stop strings must not be empty", param="stop")
-    return SamplingParams(
-        max_tokens=limit, temperature=body.temperature, top_k=max(body.top_k, 0),
+    return SamplingParams(              # checks every value against sampling.RANGES
+        max_tokens=limit, temperature=body.temperature, top_k=body.top_k,
         top_p=body.top_p, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        seed=None if body.seed is None else body.seed + choice, stop=tuple(stops),
+        seed=None if body.seed is None else body.seed + choice, stop=tuple(body.stop_list()),
         ignore_eos=body.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
         logit_bias=body.logit_bias or ())
 

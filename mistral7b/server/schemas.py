@@ -4,13 +4,20 @@ responses.py, in OpenAI's shapes."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from annotated_types import Interval
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mistral7b.sampling import RANGES
+
+
+def limits(name: str) -> Interval:
+    """The range sampling.RANGES gives `name`, as a constraint pydantic checks."""
+    return Interval(**RANGES[name].bounds())
 
 MAX_N = 16
 MAX_CHOICES = 64      # prompts x n in one /v1/completions request
-MAX_STOP = 16
 
 
 class _Body(BaseModel):
@@ -70,16 +77,17 @@ class SamplingFields(_Body):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1)                  # 0 or -1: off (vLLM uses -1)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    # Ranges from sampling.RANGES, the one table the API and the CLI use too.
+    max_tokens: Annotated[int, limits("max_tokens")] | None = None
+    temperature: Annotated[float, limits("temperature")] = 1.0
+    top_p: Annotated[float, limits("top_p")] = 1.0
+    top_k: Annotated[int, limits("top_k")] = 0             # 0 or -1: off (vLLM uses -1)
+    min_p: Annotated[float, limits("min_p")] = 0.0
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    presence_penalty: Annotated[float, limits("presence_penalty")] = 0.0
+    frequency_penalty: Annotated[float, limits("frequency_penalty")] = 0.0
+    repetition_penalty: Annotated[float, limits("repetition_penalty")] = 1.0
     n: int = Field(1, ge=1, le=MAX_N)
     user: str | None = None
     stream: bool = False
@@ -103,9 +111,9 @@ class SamplingFields(_Body):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Annotated[int, limits("max_tokens")] | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Annotated[int, limits("top_logprobs")] | None = None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None \
@@ -114,7 +122,8 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(min_length=1)
-    logprobs: int | None = Field(None, ge=0, le=20)   # legacy API: how many top tokens
+    # legacy API: how many top tokens
+    logprobs: Annotated[int, limits("top_logprobs")] | None = None
     echo: bool = False
     # Legacy fields we do not implement: refused by name (routes), never silently ignored.
     suffix: str | None = None

@@ -1,0 +1,94 @@
+"""The batched sampler (batch_sampling.py) against the plain per-sequence reference
+(sampling.Sampler and its apply_* rules): the same tokens and logprobs row by row, whatever else
+shares the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mistral7b.batch_sampling import BatchSampler, _top_k_top_p
+from mistral7b.sampling import Sampler, SamplingParams, apply_min_p, apply_top_k, apply_top_p
+
+V = 300
+PROMPT = [3, 17, 17, 42, 250]
+CASES = [
+    SamplingParams(temperature=0),
+    SamplingParams(temperature=0, repetition_penalty=1.3, logit_bias={5: 3.0, 7: -100}),
+    SamplingParams(temperature=0.8, seed=1),
+    SamplingParams(temperature=1.0, top_k=5, seed=2),
+    SamplingParams(temperature=0.7, top_p=0.6, seed=3),
+    SamplingParams(temperature=1.3, min_p=0.05, seed=4),
+    SamplingParams(temperature=0.9, top_k=40, top_p=0.9, min_p=0.02, seed=5),
+    SamplingParams(temperature=1.0, presence_penalty=1.5, frequency_penalty=0.7, seed=6,
+                   logprobs=True, top_logprobs=3),
+    SamplingParams(temperature=0.5, repetition_penalty=0.8, logit_bias={9: 2.0}, seed=7,
+                   top_logprobs=2),
+]
+
+
+def step_logits(step: int, rows: int) -> torch.Tensor:
+    """Peaked random logits, different for every step and row."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(rows, V, generator=g) * 4
+
+
+def test_every_rule_matches_the_per_sequence_reference() -> None:
+    batch = BatchSampler(len(CASES), V)
+    reference = [Sampler(p, PROMPT) for p in CASES]
+    for row, p in enumerate(CASES):
+        batch.start(row, p, PROMPT)
+    for step in range(40):
+        logits = step_logits(step, len(CASES))
+        got = batch.sample(range(len(CASES)), logits)
+        for row, ref in enumerate(reference):
+            want = ref.sample(logits[row])
+            assert got[row].token_id == want.token_id, (row, step)
+            if CASES[row].logprobs or CASES[row].top_logprobs:
+                assert got[row].logprob == pytest.approx(want.logprob, abs=1e-5)
+                assert [t for t, _ in got[row].top_logprobs] == [t for t, _ in want.top_logprobs]
+
+
+def test_a_seeded_row_draws_the_same_tokens_in_any_batch() -> None:
+    """Row 0's tokens when alone, and when rows come and go beside it (with and without
+    top-p rows, which make the batch sort)."""
+    params = SamplingParams(temperature=1.0, min_p=0.01, seed=11)
+    others = [SamplingParams(temperature=0.7, top_p=0.5), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.1, repetition_penalty=1.2, top_k=3)]
+
+    def tokens(company: list[list[int]]) -> list[int]:
+        sampler = BatchSampler(4, V)
+        sampler.start(0, params, PROMPT)
+        for row, p in enumerate(others, start=1):
+            sampler.start(row, p, PROMPT)
+        out = []
+        for step, rows in enumerate(company):
+            logits = step_logits(step, 4)
+            out.append(sampler.sample([0, *rows], logits[[0, *rows]])[0].token_id)
+        return out
+
+    alone = tokens([[] for _ in range(30)])
+    crowded = tokens([[1, 2, 3][: step % 4] for step in range(30)])
+    reversed_order = tokens([[3, 1] if step % 2 else [2] for step in range(30)])
+    assert alone == crowded == reversed_order
+
+
+def test_filter_masks_equal_the_reference_rules() -> None:
+    logits = step_logits(0, 5)
+    logits[1, :10] = logits[1, 10]          # ties at the k-th value: lower ids win
+    ks, ps = [0, 7, 50, 1, 300], [1.0, 0.8, 0.95, 0.3, 0.5]
+    keep = _top_k_top_p(logits, ks, ps)
+    for row in range(5):
+        want = apply_top_p(apply_top_k(logits[row], ks[row]), ps[row]) > float("-inf")
+        assert torch.equal(keep[row], want), row
+    sampler = BatchSampler(1, V)
+    p = SamplingParams(temperature=1.0, min_p=0.2, seed=0)
+    sampler.start(0, p, [])
+    allowed = apply_min_p(logits[2], 0.2) > float("-inf")
+    for _ in range(50):                     # every draw lands among the ids min-p keeps
+        assert allowed[sampler.sample([0], logits[2:3])[0].token_id]
+
+
+def test_sampling_a_row_that_was_never_started_is_an_error() -> None:
+    with pytest.raises(ValueError, match="not start"):
+        BatchSampler(2, V).sample([1], step_logits(0, 1))
