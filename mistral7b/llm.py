@@ -12,7 +12,7 @@ import torch
 from mistral7b.config import ModelConfig
 from mistral7b.default_model import default_model_path
 from mistral7b.device import resolve_device
-from mistral7b.engine.engine import Engine, run_requests
+from mistral7b.engine.engine import Engine, run_requests, score_prompts
 from mistral7b.errors import InvalidArgumentError
 from mistral7b.generate import (
     GenerationResult,
@@ -152,6 +152,20 @@ class LLM:
         if safe_prompt:
             messages = with_safety_prompt(messages)
         return self.tokenizer.encode_chat(messages)
+
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]],
+                            chunk_size: int | None = None) -> list[torch.Tensor]:
+        """The float32 (vocab,) log-probabilities of the token after each prompt (token ids),
+        pre-filled through the engine like a generation (what moderation scores with)."""
+        if not prompts:
+            return []
+        engine = Engine(self.model, self.tokenizer, max_batch=len(prompts),
+                        max_queue=len(prompts), prefill_chunk=self._chunk(chunk_size),
+                        dtype=self.cache_dtype)
+        try:
+            return score_prompts(engine, prompts)
+        finally:
+            engine.stop()
 
     @property
     def moderator(self) -> Moderator:

@@ -123,6 +123,24 @@ def test_label_scores_match_transformers(native_v1_dir: Path, hf_mistral_v1: tor
         assert result.flagged == (result.label != "acceptable") and result.role == role
 
 
+def test_labels_of_several_tokens_are_teacher_forced(native_v1_dir: Path,
+                                                     hf_mistral_v1: torch.nn.Module) -> None:
+    """A label that tokenizes to several tokens scores the sum of each token's log-probability
+    given the prompt and the label's earlier tokens, as transformers computes it."""
+    llm = mistral7b.load(native_v1_dir)
+    moderator = Moderator(llm)
+    moderator.labels = {"acceptable": [5], "illegal": [7, 9], "hateful": [8, 9, 10],
+                        "unqualified_advice": [11]}
+    prompt = llm.tokenizer.encode("hello there", bos=True)
+    got = moderator._label_logprobs([prompt])[0]
+    for label, ids in moderator.labels.items():
+        with torch.no_grad():
+            logits = hf_mistral_v1(torch.tensor([prompt + ids[:-1]])).logits[0].double()
+        every = torch.log_softmax(logits, dim=-1)
+        want = sum(float(every[len(prompt) - 1 + k, t]) for k, t in enumerate(ids))
+        assert abs(got[label] - want) < 1e-4, label
+
+
 def test_threshold_rule_and_uncalibrated_scores(native_v1_dir: Path,
                                                 hf_mistral_v1: torch.nn.Module) -> None:
     llm = mistral7b.load(native_v1_dir)
@@ -246,15 +264,13 @@ def test_server_moderations_and_moderated_chat(monkeypatch: pytest.MonkeyPatch) 
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"
 
         # --moderate input: a flagged request gets the refusal, finish_reason content_filter.
-        import mistral7b.server.app as app_module
-
-        def flag(llm_: object, texts: list[str], role: str = "user",
+        def flag(texts: list[str], role: str = "user",
                  threshold: float | None = None) -> list[ModerationResult]:
             probabilities = dict.fromkeys(LABELS, 0.0) | {"hateful": 1.0}
             return [ModerationResult(t, role, "hateful", True, probabilities, {})  # type: ignore
                     for t in texts]
 
-        monkeypatch.setattr(app_module, "moderate", flag)
+        monkeypatch.setattr(running.state.moderator, "classify", flag)
         running.state.moderate = "input"
         chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
         r = httpx.post(f"{running.url}/v1/chat/completions", json=chat, timeout=60)
@@ -268,7 +284,7 @@ def test_server_moderations_and_moderated_chat(monkeypatch: pytest.MonkeyPatch) 
         events = [json.loads(x[6:]) for x in r.text.splitlines()
                   if x.startswith("data: {")]
         text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
-        assert text == refusal_message(flag(None, ["x"], "assistant")[0])
+        assert text == refusal_message(flag(["x"], "assistant")[0])
         assert events[-1]["choices"][0]["finish_reason"] == "content_filter"
     finally:
         stop_server(server, thread, running.engine)

@@ -72,6 +72,9 @@ class EngineOutput:
     error: str | None = None             # why the request failed, when it did
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # A scoring request's answer: the float32 (vocab,) log-probabilities of the token after the
+    # prompt, on the CPU (moderation reads its label tokens from it).
+    next_logprobs: torch.Tensor | None = None
 
 
 OutputCallback = Callable[[EngineOutput], None]
@@ -91,6 +94,8 @@ class _Request:
     abort_error: str | None = None       # why the engine ended it (stop(reason)), if it did
     done: bool = False                   # its final output was sent: nothing more goes out
     submitted: float = field(default_factory=time.monotonic)
+    score: bool = False                  # answer with next_logprobs, after one token
+    next_logprobs: torch.Tensor | None = None
 
 
 @dataclass
@@ -147,9 +152,13 @@ class Engine:
         return self._thread is not None
 
     def submit(self, prompt: Sequence[int], params: SamplingParams,
-               on_output: OutputCallback) -> str:
+               on_output: OutputCallback, score: bool = False) -> str:
         """Queue a request; returns its id. Raises InvalidArgumentError / ContextLengthError for
-        a prompt the model cannot run, QueueFullError, or EngineClosedError."""
+        a prompt the model cannot run, QueueFullError, or EngineClosedError. score=True: a
+        scoring request, answered after its pre-fill with the next token's log-probabilities
+        (EngineOutput.next_logprobs); it generates nothing."""
+        if score:
+            params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
         ids = [int(t) for t in prompt]
         check_prompt(self.model.config, ids, params.max_tokens, params.logit_bias)
         decode = self.tokenizer.decode
@@ -162,7 +171,8 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); "
                                      "retry later")
-            request = _Request(f"req-{next(self._ids)}", ids, params, on_output, state)
+            request = _Request(f"req-{next(self._ids)}", ids, params, on_output, state,
+                               score=score)
             self._waiting.append(request)
             self._by_id[request.id] = request
             self._lock.notify()
@@ -305,6 +315,9 @@ class Engine:
             for request in requests:
                 self._fail(request, f"sampling failed: {e}")
             return
+        for i, request in enumerate(requests):
+            if request.score:
+                request.next_logprobs = torch.log_softmax(logits[i].float(), dim=-1).cpu()
         for request, result in zip(requests, results, strict=True):
             self._emit(request, result)
 
@@ -323,7 +336,8 @@ class Engine:
                 self._release(request)
         self._finish(request, EngineOutput(
             request.id, piece, reason is not None, reason,
-            prompt_tokens=len(request.prompt), completion_tokens=request.state.n_generated))
+            prompt_tokens=len(request.prompt), completion_tokens=request.state.n_generated,
+            next_logprobs=request.next_logprobs))
 
     def _fail(self, request: _Request, message: str) -> None:
         with self._lock:
@@ -365,10 +379,29 @@ def run_requests(engine: Engine, prompts: Sequence[Sequence[int]],
     the caller's thread (run_once between pieces). Every prompt is checked before any is
     submitted. A consumer that stops early cancels what is left; a request that fails raises
     Mistral7BError with the engine's reason."""
+    for i, out in _outputs(engine, prompts, params, score=False):
+        if out.piece is not None:
+            out.piece.finish_reason = out.finish_reason if out.finished else None
+            yield i, out.piece
+
+
+def score_prompts(engine: Engine, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """The float32 (vocab,) log-probabilities of the token after each prompt, through the
+    engine's scheduler (driven here if it was not start()ed, like run_requests)."""
+    scores: list[torch.Tensor | None] = [None] * len(prompts)
+    params = [SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)] * len(prompts)
+    for i, out in _outputs(engine, prompts, params, score=True):
+        if out.next_logprobs is not None:
+            scores[i] = out.next_logprobs
+    return [s for s in scores if s is not None]
+
+
+def _outputs(engine: Engine, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+             score: bool) -> Iterator[tuple[int, EngineOutput]]:
     for prompt, p in zip(prompts, params, strict=True):
         check_prompt(engine.model.config, prompt, p.max_tokens, p.logit_bias)
     arrived: queue.Queue[tuple[int, EngineOutput]] = queue.Queue()
-    ids = [engine.submit(prompt, p, functools.partial(_put, arrived, i))
+    ids = [engine.submit(prompt, p, functools.partial(_put, arrived, i), score=score)
            for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))]
     left = len(ids)
     try:
@@ -380,9 +413,7 @@ def run_requests(engine: Engine, prompts: Sequence[Sequence[int]],
                 raise Mistral7BError(out.error)
             if out.finished:
                 left -= 1
-            if out.piece is not None:
-                out.piece.finish_reason = out.finish_reason if out.finished else None
-                yield i, out.piece
+            yield i, out
     finally:
         for request_id in ids:
             engine.cancel(request_id)
@@ -390,3 +421,4 @@ def run_requests(engine: Engine, prompts: Sequence[Sequence[int]],
 
 def _put(arrived: queue.Queue[tuple[int, EngineOutput]], index: int, out: EngineOutput) -> None:
     arrived.put((index, out))
+

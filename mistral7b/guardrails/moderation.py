@@ -23,15 +23,14 @@ On the default 135M model calibration lifts the category accuracy on unacceptabl
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from mistral7b.cache import RollingCache
 from mistral7b.errors import InvalidArgumentError
-from mistral7b.generate import check_prompt, default_chunk_size, prefill
+from mistral7b.generate import check_prompt
 from mistral7b.tokenizer import Message
 
 if TYPE_CHECKING:
@@ -109,12 +108,22 @@ def label_token_ids(llm: LLM) -> dict[str, list[int]]:
 CONTENT_FREE = "N/A"
 
 
-class Moderator:
-    """Classifies texts with `llm`; the calibration scores are computed once per role."""
+Scorer = Callable[[list[list[int]]], list[torch.Tensor]]
+"""Maps prompts (token ids) to the (vocab,) log-probabilities of the token after each."""
 
-    def __init__(self, llm: LLM, calibrate: bool = True, batch_size: int = 8) -> None:
+
+class Moderator:
+    """Classifies texts with `llm`; the calibration scores are computed once per role.
+
+    Every prompt is scored by `scorer`: by default `llm.next_token_logprobs` (an engine of its
+    own, driven in the caller's thread); the server passes its running engine's, so moderation
+    is scheduled with the generations instead of running the model beside them."""
+
+    def __init__(self, llm: LLM, calibrate: bool = True, batch_size: int = 8,
+                 scorer: Scorer | None = None) -> None:
         self.llm, self.calibrate, self.batch_size = llm, calibrate, max(1, batch_size)
         self.labels = label_token_ids(llm)
+        self.scorer: Scorer = scorer if scorer is not None else llm.next_token_logprobs
         self._baseline: dict[str, dict[str, float]] = {}
 
     def baseline(self, role: Role) -> dict[str, float]:
@@ -139,38 +148,28 @@ class Moderator:
             check_prompt(self.llm.config, p, 1)
         out: list[dict[str, float]] = []
         for start in range(0, len(prompts), self.batch_size):
-            out += _label_logprobs(self.llm, prompts[start:start + self.batch_size], self.labels)
+            out += self._label_logprobs(prompts[start:start + self.batch_size])
         return out
+
+    def _label_logprobs(self, prompts: list[list[int]]) -> list[dict[str, float]]:
+        """log P(label tokens | prompt) for every prompt and label. A label of several tokens
+        is teacher-forced: prompt + its first k tokens is scored for token k."""
+        index: dict[tuple[int, tuple[int, ...]], int] = {}     # (prompt, forced) -> score
+        for b in range(len(prompts)):
+            for ids in self.labels.values():
+                for k in range(len(ids)):
+                    index.setdefault((b, tuple(ids[:k])), len(index))
+        scores = self.scorer([prompts[b] + list(forced) for b, forced in index])
+        return [{label: sum(float(scores[index[(b, tuple(ids[:k]))]][t])
+                            for k, t in enumerate(ids))
+                 for label, ids in self.labels.items()}
+                for b in range(len(prompts))]
 
 
 def moderate(llm: LLM, texts: Sequence[str], role: Role = "user",
              threshold: float | None = None) -> list[ModerationResult]:
     """Classify each text with the LLM's Moderator (its calibration is computed once)."""
     return llm.moderator.classify(texts, role, threshold)
-
-
-def _label_logprobs(llm: LLM, prompts: list[list[int]], labels: dict[str, list[int]]
-                    ) -> list[dict[str, float]]:
-    """log P(label tokens | prompt) for every prompt and label. Single-token labels need one
-    forward pass per prompt (batched); longer ones are teacher-forced through their tokens."""
-    model = llm.model
-    cache = RollingCache(model.config, rows=len(prompts), dtype=llm.cache_dtype,
-                         device=model.device)
-    rows = list(range(len(prompts)))
-    chunk = default_chunk_size(llm.config)
-    last = torch.log_softmax(prefill(model, cache, rows, prompts, chunk).float(), dim=-1)
-    out = []
-    for b, prompt in enumerate(prompts):
-        scores = {}
-        for label, ids in labels.items():
-            if len(ids) == 1:
-                scores[label] = float(last[b, ids[0]])
-            else:
-                every = torch.log_softmax(llm.logits(prompt + ids[:-1]).float(), dim=-1)
-                tail = every[len(prompt) - 1:]                          # predicts ids[0], ...
-                scores[label] = float(sum(tail[i, t] for i, t in enumerate(ids)))
-        out.append(scores)
-    return out
 
 
 def _result(text: str, role: Role, logprobs: dict[str, float], baseline: dict[str, float],

@@ -23,7 +23,6 @@ from mistral7b.guardrails.moderation import (
     LABELS,
     ModerationResult,
     Role,
-    moderate,
     refusal_message,
 )
 from mistral7b.guardrails.safety import with_safety_prompt
@@ -310,14 +309,15 @@ async def _generate(state: ServerState, request: Request, kind: str, body: Sampl
 
 
 async def _moderate(state: ServerState, texts: list[str], role: Role) -> list[ModerationResult]:
-    """Self-moderation of `texts`, off the event loop; one classification at a time (it runs
-    the model beside the engine)."""
-    llm = ready(state)[0]
+    """Self-moderation of `texts`, off the event loop; its prompts are scored by the engine,
+    scheduled with the generations."""
+    ready(state)
+    moderator = state.moderator
+    assert moderator is not None
 
     def run() -> list[ModerationResult]:
         real = [t for t in texts if t.strip()]       # an empty answer is acceptable as is
-        with state.moderation_lock:
-            judged = iter(moderate(llm, real, role) if real else [])
+        judged = iter(moderator.classify(real, role) if real else [])
         return [next(judged) if t.strip() else _empty_verdict(role) for t in texts]
 
     return await asyncio.to_thread(run)

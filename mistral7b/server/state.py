@@ -3,11 +3,13 @@ status and settings."""
 
 from __future__ import annotations
 
-import threading
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
 from mistral7b.engine import Engine
+from mistral7b.engine.engine import score_prompts
+from mistral7b.guardrails.moderation import Moderator
 from mistral7b.llm import LLM
 from mistral7b.server.errors import APIError
 from mistral7b.server.metrics import Metrics
@@ -28,9 +30,9 @@ class ServerState:
     status: Status = "loading"
     safe_prompt: bool = False            # every chat gets the guardrail prompt (--safe-prompt)
     moderate: str | None = None          # "input" | "output" | "both" (--moderate)
-    moderation_lock: threading.Lock = field(default_factory=threading.Lock)
     llm: LLM | None = None
     engine: Engine | None = None
+    moderator: Moderator | None = None   # scores through `engine`, like every request
     metrics: Metrics = field(default_factory=Metrics)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     access_log: bool = False             # one log line per request (serve turns it on)
@@ -41,6 +43,7 @@ class ServerState:
 
     def attach(self, llm: LLM, engine: Engine) -> None:
         self.llm, self.engine = llm, engine
+        self.moderator = Moderator(llm, scorer=functools.partial(score_prompts, engine))
         self.metrics.track_engine(lambda: engine.stats().waiting,
                                   lambda: engine.stats().running)
         self.status = "ok"
