@@ -50,6 +50,9 @@ def _add_model_args(p: argparse.ArgumentParser, threads: bool = True) -> None:
     p.add_argument("--prefill-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="matmul dtype of quantized weights during pre-fill; bfloat16 is ~2.5x "
                         "faster on CPUs with AVX512-BF16/AMX but less exact (default: float32)")
+    p.add_argument("--compile", action="store_true",
+                   help="on a GPU, torch.compile the decode steps before capturing them as "
+                        "CUDA graphs (compiles for a minute or more; off by default)")
     if threads:   # bench has its own -t/--threads list
         p.add_argument("--threads", "-t", type=int, default=torch_threads(), metavar="N",
                        help="CPU threads (default: all cores, here %(default)s)")
@@ -78,7 +81,8 @@ def _load(args: argparse.Namespace, progress: bool = True) -> LLM:
     return mistral7b.load(args.model, dtype=args.dtype, device=args.device, progress=progress,
                           sliding_window=args.sliding_window,
                           dequantize=getattr(args, "dequantize", False), quantize=args.quantize,
-                          prefill_dtype=args.prefill_dtype, kv_cache_dtype=args.kv_cache_dtype)
+                          prefill_dtype=args.prefill_dtype, kv_cache_dtype=args.kv_cache_dtype,
+                          compile=getattr(args, "compile", False))
 
 
 def torch_set_threads(n: int) -> None:

@@ -36,12 +36,14 @@ Prompt = str | Sequence[int]
 
 class LLM:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, dtype: torch.dtype,
-                 path: Path | None = None, cache_dtype: torch.dtype | None = None) -> None:
+                 path: Path | None = None, cache_dtype: torch.dtype | None = None,
+                 compile: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.cache_dtype = cache_dtype or dtype     # of the rolling KV cache
         self.path = path
+        self.compile = compile                      # torch.compile the GPU decode steps
         self._moderator: Moderator | None = None
 
     @property
@@ -159,9 +161,8 @@ class LLM:
         pre-filled through the engine like a generation (what moderation scores with)."""
         if not prompts:
             return []
-        engine = Engine(self.model, self.tokenizer, max_batch=len(prompts),
-                        max_queue=len(prompts), prefill_chunk=self._chunk(chunk_size),
-                        dtype=self.cache_dtype)
+        engine = self.engine(max_batch=len(prompts), max_queue=len(prompts),
+                             prefill_chunk=self._chunk(chunk_size))
         try:
             return score_prompts(engine, prompts)
         finally:
@@ -191,13 +192,19 @@ class LLM:
         # One engine per call, sized for its prompts and driven from this thread: the same
         # scheduler as the server, so a prompt gets the same tokens here, batched with others,
         # and there.
-        engine = Engine(self.model, self.tokenizer, max_batch=len(prompts),
-                        max_queue=len(prompts), prefill_chunk=self._chunk(chunk_size),
-                        dtype=self.cache_dtype)
+        engine = self.engine(max_batch=len(prompts), max_queue=len(prompts),
+                             prefill_chunk=self._chunk(chunk_size))
         try:
             yield from run_requests(engine, prompts, params)
         finally:
             engine.stop()
+
+    def engine(self, max_batch: int = 16, max_queue: int = 256, prefill_chunk: int = 256
+               ) -> Engine:
+        """A continuous-batching engine over this model (not started: call start() to run it
+        in a thread, or let run_requests drive it); CUDA-graph decode steps on a GPU."""
+        return Engine(self.model, self.tokenizer, max_batch, max_queue, prefill_chunk,
+                      self.cache_dtype, compile=self.compile)
 
     def _chunk(self, chunk_size: int | None) -> int:
         if chunk_size is not None and chunk_size < 1:
@@ -224,7 +231,7 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
          device: str | torch.device = "cpu", progress: bool = True,
          sliding_window: int | None = None, dequantize: bool = False,
          quantize: str | None = None, prefill_dtype: str | torch.dtype = "float32",
-         kv_cache_dtype: str | torch.dtype | None = None) -> LLM:
+         kv_cache_dtype: str | torch.dtype | None = None, compile: bool = False) -> LLM:
     """Load a Mistral-family model: a .gguf file, a Mistral native or a Hugging Face directory;
     without a path, the embedded default model (SmolLM2-135M-Instruct).
 
@@ -237,6 +244,8 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
     faster pre-fill on CPUs with AVX512-BF16 or AMX, but logits move by ~0.5 (see README).
     kv_cache_dtype: dtype of the rolling KV cache (default: `dtype`); "float16" halves its
     memory and the bytes attention reads per token.
+    compile: on a GPU, pass the decode steps through torch.compile before capturing them as
+    CUDA graphs (a minute or more of compiling; measured no faster, see BENCHMARKS.md).
     """
     device = resolve_device(device)
     torch_dtype = parse_dtype(dtype)
@@ -261,4 +270,4 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
     move_packed_weights(model)      # into huge pages: fewer TLB misses while decode streams them
     model.set_prefill_dtype(fill_dtype)
     cache_dtype = None if kv_cache_dtype is None else parse_dtype(kv_cache_dtype)
-    return LLM(model, tokenizer, torch_dtype, resolved, cache_dtype)
+    return LLM(model, tokenizer, torch_dtype, resolved, cache_dtype, compile)

@@ -20,7 +20,6 @@ from types import FrameType
 
 import uvicorn
 
-from mistral7b.engine import Engine
 from mistral7b.errors import InvalidArgumentError, Mistral7BError
 from mistral7b.llm import LLM
 from mistral7b.server.app import create_app
@@ -143,8 +142,7 @@ def serve(load: Callable[[], LLM], options: ServeOptions) -> int:
     def load_model() -> None:
         try:
             llm = load()
-            engine = Engine(llm.model, llm.tokenizer, options.max_batch, options.max_queue,
-                            options.prefill_chunk, llm.cache_dtype)
+            engine = llm.engine(options.max_batch, options.max_queue, options.prefill_chunk)
             engine.start()
             if state.status == "draining":     # a signal arrived while loading
                 engine.stop()
