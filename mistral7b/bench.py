@@ -27,6 +27,7 @@ from mistral7b.cache import RollingCache
 from mistral7b.generate import decode_step, default_chunk_size, prefill
 from mistral7b.llm import LLM
 from mistral7b.quant import kernels
+from mistral7b.static_decode import StaticDecoder
 
 
 @dataclass
@@ -62,13 +63,22 @@ def time_prefill(llm: LLM, n: int, depth: int, chunk_size: int | None = None) ->
 
 
 def time_decode(llm: LLM, n: int, depth: int, batch: int) -> float:
-    cache = _fresh_cache(llm, batch, max(depth, 1))
+    """Decode tok/s of `batch` rows, with the step the engine runs: on a GPU the fixed-shape
+    one replayed as CUDA graphs (captured before the clock starts), else the plain step."""
+    static = llm.device.type == "cuda"
+    # A static decoder pads its batches with a spare last row.
+    cache = _fresh_cache(llm, batch + int(static), max(depth, 1))
     rows = list(range(batch))
     tokens = [t[0] for t in _random_prompts(llm, batch, 1, 3)]
+    if static:
+        decoder = StaticDecoder(llm.model, cache, compile=llm.compile)
+        step: Callable[[list[int]], torch.Tensor] = partial(decoder.step, rows)
+        tokens = step(tokens).argmax(-1).tolist()            # captures the graph
+    else:
+        step = partial(decode_step, llm.model, cache, rows)
     start = time.perf_counter()
     for _ in range(n):
-        logits = decode_step(llm.model, cache, rows, tokens)
-        tokens = logits.argmax(-1).tolist()
+        tokens = step(tokens).argmax(-1).tolist()
     return batch * n / (time.perf_counter() - start)
 
 

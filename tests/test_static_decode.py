@@ -149,3 +149,12 @@ def test_gguf_on_cuda_is_dequantized_and_matches_the_cpu(tmp_path: Path) -> None
     gpu = mistral7b.load(path, device="cuda", progress=False)
     ids = [1, 5, 9, 3, 7]
     assert torch.allclose(gpu.logits(ids).cpu(), cpu.logits(ids), atol=1e-3)
+
+
+@cuda
+@pytest.mark.cuda
+def test_bench_decodes_with_cuda_graphs_on_a_gpu(mistral_dir: Path) -> None:
+    from mistral7b import bench
+
+    gpu = mistral7b.load(mistral_dir, device="cuda", progress=False)
+    assert bench.time_decode(gpu, 8, 0, 2) > 0
