@@ -11,6 +11,8 @@ as a Hugging Face directory, with transformers itself, then measures in one run:
 - mistral7b: load time and peak memory during the load, pre-fill of one long prompt, and greedy
   decode at 1, 16 and 64 streams through the serving engine (CUDA-graph decode steps), plus
   batch 1 without them (the plain step) for comparison;
+- where a batch-1 step's time goes: the graph step alone (no engine), and the eager step's
+  kernels by device time (matmuls against the rest, kernels per step);
 - ratios, and the % of the ceiling batch-1 decode reaches.
 
 It writes the JSON after every section (a run cut short keeps what it measured) and prints a
@@ -181,6 +183,46 @@ def engine_round(engine: Engine, streams: int, prompt_len: int, params: Sampling
             "total_tok_s": round(total / (end - start), 1), "tokens": total}
 
 
+def step_breakdown(llm: mistral7b.LLM, context: int, steps: int = 16) -> dict[str, Any]:
+    """Where a batch-1 decode step's time goes: the CUDA-graph step alone in a tight loop (no
+    engine, argmax feedback), and the kernels of the same step run eagerly, by total device
+    time (torch.profiler), grouped into matmuls and everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mistral7b.bench import time_decode
+    from mistral7b.static_decode import StaticDecoder
+
+    graph_tok_s = time_decode(llm, 64, context, 1)
+    cache = RollingCache(llm.config, rows=2, dtype=llm.cache_dtype, device=llm.device)
+    decoder = StaticDecoder(llm.model, cache, cuda_graphs=False)    # eager: kernels visible
+    decoder.step([0], [1])
+    activities = [ProfilerActivity.CPU]
+    if llm.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            decoder.step([0], [1])
+        sync(llm.device)
+    kernels: dict[str, float] = {}
+    launches = 0
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", 0.0) or 0.0
+        if llm.device.type != "cuda":
+            device_us = event.self_cpu_time_total
+        if device_us > 0 and not event.key.startswith("ProfilerStep"):
+            kernels[event.key] = device_us / steps / 1000                # ms per step
+            launches += event.count
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    matmul = sum(ms for name, ms in kernels.items()
+                 if any(w in name.lower() for w in ("gemm", "gemv", "mm", "matmul", "cublas")))
+    return {"graph_step_tok_s": round(graph_tok_s, 1),
+            "graph_step_ms": round(1000 / graph_tok_s, 3),
+            "eager_device_ms_per_step": round(sum(kernels.values()), 3),
+            "eager_matmul_ms_per_step": round(matmul, 3),
+            "eager_kernels_per_step": round(launches / steps),
+            "top_kernels_ms": {name[:80]: round(ms, 4) for name, ms in top}}
+
+
 def section(results: dict[str, Any], out: Path, name: str, fn: Callable[[], Any]) -> Any:
     """Run one measurement; a failure is recorded under errors and the run goes on."""
     start = time.perf_counter()
@@ -269,6 +311,7 @@ def main() -> None:
         results["ceiling_b1_tok_s"] = round(bandwidth * 1e9 / weights, 1)
     section(results, out, f"prefill_{prefill_len}_tok_s",
             lambda: round(time_prefill(llm, prefill_len), 0))
+    section(results, out, "step_breakdown", lambda: step_breakdown(llm, prompt_len))
     section(results, out, "decode_b1_plain_step", lambda: time_engine(
         llm, 1, prompt_len, new, static=False))
     for b in streams:
