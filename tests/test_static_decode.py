@@ -80,9 +80,10 @@ def test_packed_models_keep_the_cpu_decode_step() -> None:
         StaticDecoder(llm.model, RollingCache(llm.config, rows=2))
 
 
-def engine_outputs(llm: mistral7b.LLM, static: bool) -> list[list[int]]:
+def engine_outputs(llm: mistral7b.LLM, static: bool, prefill_budget: int | None = None
+                   ) -> list[list[int]]:
     engine = Engine(llm.model, llm.tokenizer, max_batch=3, prefill_chunk=4,
-                    static_decode=static)
+                    static_decode=static, prefill_budget=prefill_budget)
     engine.start()
     outputs: dict[int, list[int]] = {i: [] for i in range(len(PROMPTS))}
     finished: list[int] = []
@@ -107,6 +108,13 @@ def engine_outputs(llm: mistral7b.LLM, static: bool) -> list[list[int]]:
 
 def test_engine_with_static_steps_generates_the_same_tokens(llm: mistral7b.LLM) -> None:
     assert engine_outputs(llm, static=True) == engine_outputs(llm, static=False)
+
+
+def test_batched_prefill_generates_the_same_tokens(llm: mistral7b.LLM) -> None:
+    """Pre-fill chunks of several requests in one forward (the GPU default), including a
+    prompt of several chunks beside shorter ones, as when each request is pre-filled alone."""
+    assert (engine_outputs(llm, static=True, prefill_budget=64)
+            == engine_outputs(llm, static=False, prefill_budget=4))
 
 
 @cuda

@@ -9,7 +9,8 @@ One engine thread runs the loop; each iteration
   1. drops cancelled requests (their rows are free at once),
   2. gives free rows to waiting requests, oldest first,
   3. runs one pre-fill chunk (at most `prefill_chunk` tokens) of the oldest request that is
-     still pre-filling,
+     still pre-filling (on a GPU, of the oldest ones, up to `prefill_budget` tokens in one
+     forward),
   4. runs one decode step for every request that is generating,
 
 so a long prompt costs the running streams one chunk's time per token, never the whole prompt.
@@ -18,9 +19,11 @@ Each request owns one row of a single RollingCache of `max_batch` rows (the boun
 row handed to a new request is reset: the cache masks every slot the new sequence has not
 written, so nothing of the previous sequence is visible.
 
-A request's numbers do not depend on the others: its pre-fill runs alone in chunks of the same
-size whatever the load, and the decode kernels compute each row of a batch in the same order
-(tests/test_quant.py checks that bit for bit), so batching changes no output.
+On the CPU a request's numbers do not depend on the others: its pre-fill runs alone in chunks of
+the same size whatever the load, and the decode kernels compute each row of a batch in the same
+order (tests/test_quant.py checks that bit for bit), so batching changes no output. On a GPU
+pre-fill chunks of several requests share a forward (prefill_budget), for throughput; cuBLAS may
+then round a request's numbers differently with the batch.
 
 Outputs go to the callback given at submit(), called from the engine thread: one
 EngineOutput per generated piece, the last one with `finished` set (or `error` when the request
@@ -111,14 +114,20 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 16,
                  max_queue: int = 256, prefill_chunk: int = 256,
                  dtype: torch.dtype = torch.float32, static_decode: bool | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, prefill_budget: int | None = None) -> None:
         """static_decode: run decode steps of fixed shape (static_decode.py), as CUDA graphs on
         a GPU; default: on when the model is on CUDA. compile: also pass them through
-        torch.compile."""
+        torch.compile. prefill_budget: tokens of pre-fill per iteration, shared by the waiting
+        requests in one forward (each still in chunks of at most prefill_chunk); default on a
+        GPU 8 chunks' worth. On the CPU it is prefill_chunk, one request at a time, which keeps
+        each request's numbers independent of the load."""
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        if prefill_budget is None:
+            prefill_budget = prefill_chunk * (8 if model.device.type == "cuda" else 1)
+        self.prefill_budget = max(prefill_budget, prefill_chunk)
         if static_decode is None:
             static_decode = model.device.type == "cuda"
         # A static decoder pads its batches with a spare last row that no request gets.
@@ -276,7 +285,7 @@ class Engine:
     def _step(self, running: list[_Request]) -> None:
         filling = [r for r in running if r.prefilled < len(r.prompt)]
         if filling:
-            self._prefill_chunk(filling[0])
+            self._prefill_chunks(filling)
         decoding = [r for r in running if r.next_token is not None and not r.cancelled]
         if decoding:
             rows = [r.row for r in decoding]
@@ -293,17 +302,35 @@ class Engine:
                 return
             self._sample(decoding, logits)
 
-    def _prefill_chunk(self, request: _Request) -> None:
-        chunk = request.prompt[request.prefilled:request.prefilled + self.prefill_chunk]
+    def _prefill_chunks(self, filling: list[_Request]) -> None:
+        """The next chunk of the oldest pre-filling requests, as many as prefill_budget tokens
+        allow (at least one), in one forward; requests whose prompt is then complete get their
+        first token."""
+        batch: list[_Request] = []
+        chunks: list[list[int]] = []
+        budget = self.prefill_budget
+        for request in filling:
+            chunk = request.prompt[request.prefilled:request.prefilled + self.prefill_chunk]
+            if batch and len(chunk) > budget:
+                break
+            batch.append(request)
+            chunks.append(chunk)
+            budget -= len(chunk)
         try:
-            logits = prefill(self.model, self.cache, [request.row], [chunk], len(chunk))
+            logits = prefill(self.model, self.cache, [r.row for r in batch], chunks,
+                             max(len(c) for c in chunks))
         except Exception as e:
             log.exception("pre-fill failed")
-            self._fail(request, f"pre-fill failed: {e}")
+            for request in batch:
+                self._fail(request, f"pre-fill failed: {e}")
             return
-        request.prefilled += len(chunk)
-        if request.prefilled == len(request.prompt):
-            self._sample([request], logits)     # the first generated token
+        done = []
+        for i, (request, chunk) in enumerate(zip(batch, chunks, strict=True)):
+            request.prefilled += len(chunk)
+            if request.prefilled == len(request.prompt):
+                done.append(i)
+        if done:                                 # their first generated tokens
+            self._sample([batch[i] for i in done], logits[done])
 
     def _sample(self, requests: list[_Request], logits: torch.Tensor) -> None:
         """Sample every request's next token from its row of `logits` in one batch (one copy to
