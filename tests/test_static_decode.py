@@ -166,3 +166,19 @@ def test_bench_decodes_with_cuda_graphs_on_a_gpu(mistral_dir: Path) -> None:
 
     gpu = mistral7b.load(mistral_dir, device="cuda", progress=False)
     assert bench.time_decode(gpu, 8, 0, 2) > 0
+
+
+def test_a_failed_graph_capture_falls_back_to_eager_steps(llm: mistral7b.LLM,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = RollingCache(llm.config, rows=2)
+    plain_cache = RollingCache(llm.config, rows=1)
+    decoder = StaticDecoder(llm.model, cache)
+    decoder.cuda_graphs = True                        # as on a GPU
+
+    def refuse(R: int) -> None:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(decoder, "_graph", refuse)
+    got = decoder.step([0], [5])
+    assert not decoder.cuda_graphs
+    assert torch.equal(got, decode_step(llm.model, plain_cache, [0], [5]))
