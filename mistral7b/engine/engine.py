@@ -4,7 +4,8 @@
                                                                       -> decode, a token a step
                                                                       -> done: the row is free
 
-One engine thread runs the loop; each iteration
+The server runs the loop in one engine thread (start()); the Python API drives it from the
+caller's thread instead (run_requests, run_once). Each iteration
 
   1. drops cancelled requests (their rows are free at once),
   2. gives free rows to waiting requests, oldest first,
@@ -25,7 +26,7 @@ order (tests/test_quant.py checks that bit for bit), so batching changes no outp
 pre-fill chunks of several requests share a forward (prefill_budget), for throughput; cuBLAS may
 then round a request's numbers differently with the batch.
 
-Outputs go to the callback given at submit(), called from the engine thread: one
+Outputs go to the callback given at submit(), called from the loop's thread: one
 EngineOutput per generated piece, the last one with `finished` set (or `error` when the request
 failed). Consumers in another thread or event loop hand them over themselves.
 """
