@@ -39,9 +39,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mistral7b
+from mistral7b.bench import time_decode, time_prefill
 from mistral7b.cache import RollingCache
 from mistral7b.engine import Engine, EngineOutput
-from mistral7b.generate import prefill
 from mistral7b.sampling import SamplingParams
 
 MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
@@ -113,22 +113,6 @@ def time_transformers(model: torch.nn.Module, device: torch.device, batch: int,
     return batch * (new - 1) / (full - one)
 
 
-def time_prefill(llm: mistral7b.LLM, n: int, repeats: int = 3) -> float:
-    """tok/s of one n-token prompt pre-filled in one chunk (the paper's chunk: the window)."""
-    model = llm.model
-    prompt = torch.randint(3, 1000, (n,)).tolist()
-    times = []
-    for _ in range(repeats + 1):
-        cache = RollingCache(model.config, rows=1, dtype=llm.cache_dtype, device=model.device)
-        sync(model.device)
-        start = time.perf_counter()
-        prefill(model, cache, [0], [prompt], n)
-        sync(model.device)
-        times.append(time.perf_counter() - start)
-        del cache
-    return n / statistics.median(times[1:])
-
-
 def time_engine(llm: mistral7b.LLM, streams: int, prompt_len: int, new: int,
                 static: bool, compile: bool = False) -> dict[str, float]:
     """Greedy generation for `streams` requests at once through the serving engine. decode
@@ -189,7 +173,6 @@ def step_breakdown(llm: mistral7b.LLM, context: int, steps: int = 16) -> dict[st
     time (torch.profiler), grouped into matmuls and everything else."""
     from torch.profiler import ProfilerActivity, profile
 
-    from mistral7b.bench import time_decode
     from mistral7b.static_decode import StaticDecoder
 
     graph_tok_s = time_decode(llm, 64, context, 1)
@@ -310,7 +293,8 @@ def main() -> None:
     if bandwidth:
         results["ceiling_b1_tok_s"] = round(bandwidth * 1e9 / weights, 1)
     section(results, out, f"prefill_{prefill_len}_tok_s",
-            lambda: round(time_prefill(llm, prefill_len), 0))
+            lambda: round(statistics.median(
+                [time_prefill(llm, prefill_len, 0) for _ in range(4)][1:]), 0))
     section(results, out, "step_breakdown", lambda: step_breakdown(llm, prompt_len))
     section(results, out, "decode_b1_plain_step", lambda: time_engine(
         llm, 1, prompt_len, new, static=False))

@@ -24,15 +24,12 @@ Penalties need each row's token history: `seen` (prompt and generated ids) and `
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from mistral7b.sampling import SampleResult, SamplingParams
-
-_SEED_MASK = (1 << 64) - 1
+from mistral7b.sampling import SampleResult, SamplingParams, resolve_seed, seeded_generator
 
 
 @dataclass
@@ -55,9 +52,7 @@ class BatchSampler:
     def start(self, row: int, params: SamplingParams, prompt: Sequence[int]) -> None:
         """A new sequence in `row`: its own random generator, and (when it has penalties) a
         history holding its prompt."""
-        seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
-        generator = torch.Generator().manual_seed(seed & _SEED_MASK)
-        self._rows[row] = _Row(params, generator)
+        self._rows[row] = _Row(params, seeded_generator(resolve_seed(params.seed)))
         if _has_penalties(params):
             seen, counts = self._history()
             seen[row] = False

@@ -497,6 +497,16 @@ def make_sampler(params: SamplingParams) -> SampleFn:
 # ---------------------------------------------------------------------------
 
 
+def resolve_seed(seed: int | None) -> int:
+    """A request's seed, or fresh OS entropy when it gave none."""
+    return random.SystemRandom().getrandbits(63) if seed is None else seed
+
+
+def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The random stream of one sequence: the same seed gives the same numbers."""
+    return torch.Generator(device=device).manual_seed(seed & _SEED_MASK)
+
+
 @dataclass(frozen=True)
 class SampleResult:
     """One sampled token.
@@ -523,10 +533,7 @@ class Sampler:
     def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = ()) -> None:
         self.params = params
         self.prompt_ids: tuple[int, ...] = tuple(int(t) for t in prompt_ids)
-        if params.seed is None:
-            self.seed: int = random.SystemRandom().getrandbits(63)
-        else:
-            self.seed = params.seed
+        self.seed: int = resolve_seed(params.seed)
         self._generated: list[int] = []
         self._history: TokenHistory | None = None
         self._generator: torch.Generator | None = None
@@ -559,9 +566,7 @@ class Sampler:
                 f"logits vocabulary size changed from {self._history.vocab_size} to {vocab}"
             )
         if self._generator is None:
-            generator = torch.Generator(device=logits.device)
-            generator.manual_seed(self.seed & _SEED_MASK)
-            self._generator = generator
+            self._generator = seeded_generator(self.seed, logits.device)
         return self._history
 
     def sample(self, logits: torch.Tensor) -> SampleResult:

@@ -83,6 +83,9 @@ class EngineOutput:
 
 OutputCallback = Callable[[EngineOutput], None]
 
+# What a scoring request runs: its pre-fill, then one greedy token that nobody reads.
+_SCORING = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+
 
 @dataclass
 class _Request:
@@ -168,7 +171,7 @@ class Engine:
         scoring request, answered after its pre-fill with the next token's log-probabilities
         (EngineOutput.next_logprobs); it generates nothing."""
         if score:
-            params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+            params = _SCORING
         ids = [int(t) for t in prompt]
         check_prompt(self.model.config, ids, params.max_tokens, params.logit_bias)
         decode = self.tokenizer.decode
@@ -417,8 +420,7 @@ def score_prompts(engine: Engine, prompts: Sequence[Sequence[int]]) -> list[torc
     """The float32 (vocab,) log-probabilities of the token after each prompt, through the
     engine's scheduler (driven here if it was not start()ed, like run_requests)."""
     scores: list[torch.Tensor | None] = [None] * len(prompts)
-    params = [SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)] * len(prompts)
-    for i, out in _outputs(engine, prompts, params, score=True):
+    for i, out in _outputs(engine, prompts, [_SCORING] * len(prompts), score=True):
         if out.next_logprobs is not None:
             scores[i] = out.next_logprobs
     return [s for s in scores if s is not None]
