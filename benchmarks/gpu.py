@@ -11,8 +11,8 @@ as a Hugging Face directory, with transformers itself, then measures in one run:
 - mistral7b: load time and peak memory during the load, pre-fill of one long prompt, and greedy
   decode at 1, 16 and 64 streams through the serving engine (CUDA-graph decode steps), plus
   batch 1 without them (the plain step) for comparison;
-- where a batch-1 step's time goes: the graph step alone (no engine), and the eager step's
-  kernels by device time (matmuls against the rest, kernels per step);
+- where a decode step's time goes: the graph step alone (no engine) at 1 and 16 rows, and the
+  eager batch-1 step's kernels by device time (matmuls against the rest, kernels per step);
 - ratios, and the % of the ceiling batch-1 decode reaches.
 
 It writes the JSON after every section (a run cut short keeps what it measured) and prints a
@@ -176,6 +176,7 @@ def step_breakdown(llm: mistral7b.LLM, context: int, steps: int = 16) -> dict[st
     from mistral7b.static_decode import StaticDecoder
 
     graph_tok_s = time_decode(llm, 64, context, 1)
+    graph_b16_tok_s = time_decode(llm, 32, context, 16)
     cache = RollingCache(llm.config, rows=2, dtype=llm.cache_dtype, device=llm.device)
     decoder = StaticDecoder(llm.model, cache, cuda_graphs=False)    # eager: kernels visible
     decoder.step([0], [1])
@@ -200,6 +201,8 @@ def step_breakdown(llm: mistral7b.LLM, context: int, steps: int = 16) -> dict[st
                  if any(w in name.lower() for w in ("gemm", "gemv", "mm", "matmul", "cublas")))
     return {"graph_step_tok_s": round(graph_tok_s, 1),
             "graph_step_ms": round(1000 / graph_tok_s, 3),
+            "graph_step_b16_tok_s": round(graph_b16_tok_s, 1),
+            "graph_step_b16_ms": round(16000 / graph_b16_tok_s, 3),
             "eager_device_ms_per_step": round(sum(kernels.values()), 3),
             "eager_matmul_ms_per_step": round(matmul, 3),
             "eager_kernels_per_step": round(launches / steps),

@@ -29,7 +29,7 @@ that wraps around the buffer during chunked pre-fill).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -58,6 +58,18 @@ class CacheStep:
     # True when `mask` is plain causal over keys 0..T-1 (every row starts empty, no padding, no
     # window cut): attention may then skip the mask and use a flash kernel.
     causal: bool = False
+    _biases: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(default_factory=dict)
+
+    def attention_bias(self, n_kv: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+        """The mask of a one-token step as an additive bias (0 or -inf) for a (B * n_kv,
+        group, keys) score tensor; built once per step and shared by every layer."""
+        key = (n_kv, group, dtype)
+        if key not in self._biases:
+            B, keys = self.mask.shape[0], self.mask.shape[-1]
+            bias = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+            bias.masked_fill_(self.mask.logical_not(), float("-inf"))         # (B, 1, 1, keys)
+            self._biases[key] = bias.expand(B, n_kv, group, keys).reshape(B * n_kv, group, keys)
+        return self._biases[key]
 
 
 class RollingCache:
@@ -220,6 +232,11 @@ class RollingCache:
                ) -> None:
         # (N, n_kv, head_dim) values into [row, :, slot] for each of the N (row, token) pairs.
         where = (step.write_row, slice(None), step.write_slot)
+        if k_new.shape[2] == 1 and step.write_b.shape[0] == k_new.shape[0]:
+            # One token per row and every row writes it (decode): no gather needed.
+            self.k[layer][where] = k_new[:, :, 0].to(self.k.dtype)
+            self.v[layer][where] = v_new[:, :, 0].to(self.v.dtype)
+            return
         self.k[layer][where] = k_new[step.write_b, :, step.write_t].to(self.k.dtype)
         self.v[layer][where] = v_new[step.write_b, :, step.write_t].to(self.v.dtype)
 
