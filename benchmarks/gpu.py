@@ -13,6 +13,8 @@ as a Hugging Face directory, with transformers itself, then measures in one run:
   batch 1 without them (the plain step) for comparison;
 - where a decode step's time goes: the graph step alone (no engine) at 1 and 16 rows, and the
   eager batch-1 step's kernels by device time (matmuls against the rest, kernels per step);
+- the calls that make the host wait for the device while the engine decodes (there should be
+  none but the wait for each step's tokens: the engine queues the next step before it waits);
 - ratios, and the % of the ceiling batch-1 decode reaches.
 
 It writes the JSON after every section (a run cut short keeps what it measured) and prints a
@@ -209,6 +211,38 @@ def step_breakdown(llm: mistral7b.LLM, context: int, steps: int = 16) -> dict[st
             "top_kernels_ms": {name[:80]: round(ms, 4) for name, ms in top}}
 
 
+def host_syncs(llm: mistral7b.LLM, prompt_len: int, new: int = 32) -> dict[str, Any]:
+    """Calls that make the host wait for the device while two streams decode through the engine
+    (torch's sync debug mode). Each iteration should have one, the wait for a step's tokens
+    (an event, which the mode does not count); any other one stops the engine from queueing
+    the next step before reading the last."""
+    import warnings
+
+    if llm.device.type != "cuda":
+        return {"skipped": "not a CUDA device"}
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    engine = Engine(llm.model, llm.tokenizer, max_batch=2, prefill_chunk=prompt_len,
+                    dtype=llm.cache_dtype)
+    engine.start()
+    try:
+        engine_round(engine, 2, prompt_len, params)            # graphs captured
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                engine_round(engine, 2, prompt_len, params)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        engine.stop()
+    places: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where = f"{Path(w.filename).name}:{w.lineno}"
+            places[where] = places.get(where, 0) + 1
+    return {"syncs": sum(places.values()), "tokens": 2 * new, "where": places}
+
+
 def section(results: dict[str, Any], out: Path, name: str, fn: Callable[[], Any]) -> Any:
     """Run one measurement; a failure is recorded under errors and the run goes on."""
     start = time.perf_counter()
@@ -299,6 +333,7 @@ def main() -> None:
             lambda: round(statistics.median(
                 [time_prefill(llm, prefill_len, 0) for _ in range(4)][1:]), 0))
     section(results, out, "step_breakdown", lambda: step_breakdown(llm, prompt_len))
+    section(results, out, "host_syncs", lambda: host_syncs(llm, prompt_len))
     section(results, out, "decode_b1_plain_step", lambda: time_engine(
         llm, 1, prompt_len, new, static=False))
     for b in streams:

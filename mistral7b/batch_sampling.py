@@ -30,12 +30,32 @@ from dataclasses import dataclass
 import torch
 
 from mistral7b.sampling import SampleResult, SamplingParams, resolve_seed, seeded_generator
+from mistral7b.transfer import HostCopy, to_device, upload
 
 
 @dataclass
 class _Row:
     params: SamplingParams
     generator: torch.Generator
+
+
+class PendingSample:
+    """A batch's sampled tokens, on the device and on their way to the host."""
+
+    def __init__(self, tokens: torch.Tensor, table: HostCopy, params: list[SamplingParams],
+                 n_top: int) -> None:
+        self.tokens = tokens           # (B,) int64 on the sampler's device
+        self._table, self._params, self._n_top = table, params, n_top
+
+    def results(self) -> list[SampleResult]:
+        """Wait for the copy and read each row's token (and logprobs when it asked)."""
+        table = self._table.tolist()
+        results = []
+        for line, p in zip(table, self._params, strict=True):
+            k = self._n_top
+            top = [(int(line[2 + k + j]), line[2 + j]) for j in range(min(p.top_logprobs, k))]
+            results.append(SampleResult(int(line[0]), line[1] if len(line) > 1 else 0.0, top))
+        return results
 
 
 class BatchSampler:
@@ -58,11 +78,17 @@ class BatchSampler:
             seen[row] = False
             counts[row] = 0.0
             if prompt:
-                seen[row, torch.tensor(list(prompt), device=self.device)] = True
+                seen[row, to_device(list(prompt), self.device)] = True
 
     def sample(self, rows: Sequence[int], logits: torch.Tensor) -> list[SampleResult]:
         """The next token of each row from its (len(rows), vocab) logits, with logprobs and top
         logprobs for the rows that ask (from the raw logits, as the reference does)."""
+        return self.launch(rows, logits).results()
+
+    def launch(self, rows: Sequence[int], logits: torch.Tensor) -> PendingSample:
+        """Queue `sample`'s work on the device and start its one copy to the host, without
+        waiting for either: the tokens stay on the device (PendingSample.tokens, which the next
+        decode step may take as its input) until results() reads them."""
         states = [self._rows[r] for r in rows]
         if any(s is None for s in states):
             raise ValueError("sample() of a row that was not start()ed")
@@ -82,28 +108,19 @@ class BatchSampler:
                 tokens = picks
             else:                                     # greedy rows: the argmax
                 tokens = processed.argmax(dim=-1).index_put(
-                    (torch.tensor(sampled, device=device),), picks)
+                    (to_device(sampled, device),), picks)
 
         # Everything the host needs in one tensor, one copy: ids, then logprobs when asked.
         columns = [tokens.double()[:, None]]
-        n_top = max(p.top_logprobs for p in params)
+        n_top = min(max(p.top_logprobs for p in params), V)
         if any(p.logprobs or p.top_logprobs for p in params):
             logprobs = torch.log_softmax(raw, dim=-1)
             columns.append(logprobs.gather(1, tokens[:, None]).double())
             if n_top:
-                values, ids = torch.topk(logprobs, min(n_top, V), dim=-1)
+                values, ids = torch.topk(logprobs, n_top, dim=-1)
                 columns += [values.double(), ids.double()]
         self._record(rows, params, tokens)
-        table = torch.cat(columns, dim=1).tolist()
-        results = []
-        for b, p in enumerate(params):
-            line = table[b]
-            top: list[tuple[int, float]] = []
-            if p.top_logprobs:
-                k = min(n_top, V)
-                top = [(int(line[2 + k + j]), line[2 + j]) for j in range(min(p.top_logprobs, k))]
-            results.append(SampleResult(int(line[0]), line[1] if len(line) > 1 else 0.0, top))
-        return results
+        return PendingSample(tokens, HostCopy(torch.cat(columns, dim=1)), params, n_top)
 
     # ---- the steps -------------------------------------------------------------------------
 
@@ -113,14 +130,14 @@ class BatchSampler:
         out = raw
         bias = [(b, t, v) for b, p in enumerate(params) for t, v in p.logit_bias]
         if bias:
-            index = torch.tensor([(b, t) for b, t, _ in bias], device=raw.device).T
-            values = torch.tensor([v for _, _, v in bias], device=raw.device)
+            index = to_device([(b, t) for b, t, _ in bias], raw.device).T
+            values = to_device([v for _, _, v in bias], raw.device)
             out = out.index_put((index[0], index[1]), values, accumulate=True)
         penalised = [b for b, p in enumerate(params) if _has_penalties(p)]
         if penalised:
             seen, counts = self._history()
-            which = torch.tensor([rows[b] for b in penalised], device=raw.device)
-            chosen = torch.tensor(penalised, device=raw.device)
+            which = to_device([rows[b] for b in penalised], raw.device)
+            chosen = to_device(penalised, raw.device)
             logits = out[chosen]
             rep = _column([params[b].repetition_penalty for b in penalised], raw.device)
             pres = _column([params[b].presence_penalty for b in penalised], raw.device)
@@ -149,7 +166,7 @@ class BatchSampler:
             filtered = filtered.masked_fill(filtered - top < floor, float("-inf"))
         cdf = torch.softmax(filtered, dim=-1).cumsum(dim=-1)
         u = torch.cat([torch.rand((1,), generator=s.generator) for s in states if s is not None])
-        target = u.to(device)[:, None] * cdf[:, -1:]
+        target = upload(u, device)[:, None] * cdf[:, -1:]
         return torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=V - 1)
 
     def _record(self, rows: Sequence[int], params: list[SamplingParams],
@@ -158,8 +175,8 @@ class BatchSampler:
         if not penalised:
             return
         seen, counts = self._history()
-        which = torch.tensor([rows[b] for b in penalised], device=tokens.device)
-        ids = tokens[torch.tensor(penalised, device=tokens.device)]
+        which = to_device([rows[b] for b in penalised], tokens.device)
+        ids = tokens[to_device(penalised, tokens.device)]
         seen[which, ids] = True
         counts[which, ids] += 1.0
 
@@ -176,7 +193,7 @@ def _has_penalties(p: SamplingParams) -> bool:
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+    return to_device(values, device, torch.float32)[:, None]
 
 
 def _top_k_top_p(scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
@@ -186,7 +203,7 @@ def _top_k_top_p(scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     device = scaled.device
     values, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
     ranks = torch.arange(V, device=device)[None, :]
-    k = torch.tensor([k if 0 < k < V else V for k in top_k], device=device)[:, None]
+    k = to_device([k if 0 < k < V else V for k in top_k], device)[:, None]
     keep = ranks < k
     probs = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
     before = probs.cumsum(dim=-1) - probs              # mass of the strictly better ids

@@ -25,6 +25,7 @@ import torch
 from mistral7b.cache import RollingCache
 from mistral7b.model import Transformer
 from mistral7b.quant.modules import QuantEmbedding, QuantLinear
+from mistral7b.transfer import upload
 
 log = logging.getLogger("mistral7b")
 
@@ -69,36 +70,42 @@ class StaticDecoder:
         return min(next((b for b in BUCKETS if b >= n_rows), limit), limit)
 
     @torch.inference_mode()
-    def step(self, rows: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+    def step(self, rows: Sequence[int], tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Append tokens[i] to cache row rows[i]; (len(rows), vocab) float32 logits on the
-        model's device, in the order of `rows`."""
+        model's device, in the order of `rows`. tokens: ids on the host, or an int64 tensor on
+        the model's device (the previous step's sampled ids, which then never visit the host).
+        Nothing here waits for the device."""
         cache = self.cache
         R = self.bucket(max(rows) + 1)
         cache.reserve(max(cache.lengths[r] for r in rows) + 1)
         host = torch.zeros(3, R, dtype=torch.int64)   # token ids, positions, rows written
         host[2] = self.spare_row
         index = torch.tensor(rows, dtype=torch.int64)
-        host[0, index] = torch.tensor(tokens, dtype=torch.int64)
+        if not isinstance(tokens, torch.Tensor):
+            host[0, index] = torch.tensor(tokens, dtype=torch.int64)
         host[1, index] = torch.tensor([cache.lengths[r] for r in rows], dtype=torch.int64)
         host[2, index] = index
-        logits = self._run(R, host)
+        inputs = upload(host, self.device)
+        leading = list(rows) == list(range(len(rows)))
+        where = slice(0, len(rows)) if leading else upload(index, self.device)
+        if isinstance(tokens, torch.Tensor):
+            inputs[0, where] = tokens
+        logits = self._run(R, inputs)
         for r in rows:
             cache.lengths[r] += 1
-        if list(rows) == list(range(R)):
-            return logits
-        return logits[index.to(self.device)]
+        return logits if leading and len(rows) == R else logits[where]
 
-    def _run(self, R: int, host: torch.Tensor) -> torch.Tensor:
+    def _run(self, R: int, inputs: torch.Tensor) -> torch.Tensor:
         if not self.cuda_graphs:
-            return self._step(host.to(self.device))
+            return self._step(inputs)
         try:
-            graph, inputs, logits = self._graph(R)
+            graph, static_inputs, logits = self._graph(R)
         except RuntimeError as e:   # an op this torch cannot capture: slower, but still right
             log.warning("CUDA graph capture failed (%s); decode steps run without graphs", e)
             self.cuda_graphs = False
             self._graphs.clear()
-            return self._step(host.to(self.device))
-        inputs.copy_(host, non_blocking=True)
+            return self._step(inputs)
+        static_inputs.copy_(inputs)
         graph.replay()
         return logits
 

@@ -16,6 +16,16 @@ caller's thread instead (run_requests, run_once). Each iteration
 
 so a long prompt costs the running streams one chunk's time per token, never the whole prompt.
 
+With a fixed-shape decoder (static_decode.py, the GPU default) step 4 runs one step ahead: while
+the batch stays the same, it queues decode step N+1 on step N's sampled tokens where they are,
+on the device, and only then reads step N's tokens and sends them out. The host's part of a
+step (detokenizing, stop strings, callbacks) then runs while the device computes the next one,
+instead of leaving it idle. When the batch changes (a request ends, is cancelled or joins after
+its pre-fill), the engine reads the step in flight first and goes on from the host's tokens. A
+request that ends thus gets one more step computed for it, whose token nobody reads; its row
+may already belong to a new request by then, which is safe: the device runs the steps in order,
+and the new request's pre-fill writes every slot it will see.
+
 Each request owns one row of a single RollingCache of `max_batch` rows (the bounded pool). A
 row handed to a new request is reset: the cache masks every slot the new sequence has not
 written, so nothing of the previous sequence is visible.
@@ -45,7 +55,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mistral7b.batch_sampling import BatchSampler
+from mistral7b.batch_sampling import BatchSampler, PendingSample
 from mistral7b.cache import RollingCache
 from mistral7b.errors import Mistral7BError
 from mistral7b.generate import SequenceState, StreamPiece, check_prompt, decode_step, prefill
@@ -106,6 +116,14 @@ class _Request:
 
 
 @dataclass
+class _Launched:
+    """A decode step queued on the device, its tokens not read yet."""
+
+    requests: list[_Request]
+    sample: PendingSample
+
+
+@dataclass
 class EngineStats:
     waiting: int
     running: int
@@ -149,6 +167,8 @@ class Engine:
         self._accepting = True
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # On a fixed-shape decoder, the decode step queued on the device and not read yet.
+        self._pending: _Launched | None = None
 
     # ---- public API (any thread) --------------------------------------------------------
 
@@ -290,21 +310,78 @@ class Engine:
         filling = [r for r in running if r.prefilled < len(r.prompt)]
         if filling:
             self._prefill_chunks(filling)
-        decoding = [r for r in running if r.next_token is not None and not r.cancelled]
-        if decoding:
-            rows = [r.row for r in decoding]
-            tokens = [r.next_token for r in decoding if r.next_token is not None]
-            try:
-                if self.decoder is not None:
-                    logits = self.decoder.step(rows, tokens)
-                else:
-                    logits = decode_step(self.model, self.cache, rows, tokens)
-            except Exception as e:
-                log.exception("decode step failed")
-                for request in decoding:
-                    self._fail(request, f"decode failed: {e}")
-                return
-            self._sample(decoding, logits)
+        pending = self._pending
+        if pending is not None and self._can_chain(pending):
+            # Queue the next step on the device's own tokens, then read the last one's.
+            self._pending = self._launch(pending.requests, pending.sample.tokens)
+            self._deliver(pending, chained=self._pending is not None)
+            return
+        if pending is not None:                  # the batch changes: read it first
+            self._pending = None
+            self._deliver(pending, chained=False)
+        decoding = [r for r in self._running_now()
+                    if r.next_token is not None and not r.cancelled]
+        if not decoding:
+            return
+        tokens = [r.next_token for r in decoding if r.next_token is not None]
+        launched = self._launch(decoding, tokens)
+        if launched is None:
+            return
+        if self.decoder is None:                 # the plain step: read it at once
+            self._deliver(launched, chained=False)
+        else:                                    # read it after queueing the next one
+            self._pending = launched
+
+    def _running_now(self) -> list[_Request]:
+        with self._lock:
+            return list(self._running)
+
+    def _can_chain(self, pending: _Launched) -> bool:
+        """Whether the next decode step is the same batch as the one in flight: every request
+        of it still running, and no other request with a token to feed (e.g. one whose
+        pre-fill just ended)."""
+        running = self._running_now()
+        if any(r.cancelled or r.done or r not in running for r in pending.requests):
+            return False
+        return all(r.next_token is None for r in running)
+
+    def _launch(self, requests: list[_Request], tokens: list[int] | torch.Tensor
+                ) -> _Launched | None:
+        """Queue one decode step for `requests` and the sampling of its tokens; None (and the
+        requests failed) if it could not be queued."""
+        rows = [r.row for r in requests]
+        try:
+            if self.decoder is not None:
+                logits = self.decoder.step(rows, tokens)
+            else:
+                assert not isinstance(tokens, torch.Tensor)
+                logits = decode_step(self.model, self.cache, rows, tokens)
+            sample = self.sampler.launch(rows, logits)
+        except Exception as e:
+            log.exception("decode step failed")
+            for request in requests:
+                self._fail(request, f"decode failed: {e}")
+            return None
+        for request in requests:
+            request.next_token = None            # fed to the model; its successor is in flight
+        return _Launched(requests, sample)
+
+    def _deliver(self, launched: _Launched, chained: bool) -> None:
+        """Read a decode step's tokens and send what each request adds. chained: the next step,
+        already queued, took these tokens from the device, so they are not fed again."""
+        try:
+            results = launched.sample.results()
+        except Exception as e:
+            log.exception("sampling failed")
+            for request in launched.requests:
+                self._fail(request, f"sampling failed: {e}")
+            return
+        for request, result in zip(launched.requests, results, strict=True):
+            if request.done or request.cancelled:   # e.g. it finished in the step before
+                continue
+            self._emit(request, result)
+            if chained:
+                request.next_token = None
 
     def _prefill_chunks(self, filling: list[_Request]) -> None:
         """The next chunk of the oldest pre-filling requests, as many as prefill_budget tokens
