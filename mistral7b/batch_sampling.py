@@ -4,6 +4,7 @@ tokens out, with one copy to the host.
 Each row has its own parameters, held as one tensor per parameter:
 
     logits -> + logit_bias -> repetition penalty -> presence/frequency penalties
+           -> rows under a grammar: -inf for the tokens it forbids (constrained.py)
            -> greedy rows: argmax
            -> sampled rows: / temperature -> top-k -> top-p -> min-p -> inverse-CDF draw
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mistral7b.constrained import allowed_tokens
 from mistral7b.sampling import SampleResult, SamplingParams, resolve_seed, seeded_generator
 from mistral7b.transfer import HostCopy, to_device, upload
 
@@ -37,6 +39,10 @@ from mistral7b.transfer import HostCopy, to_device, upload
 class _Row:
     params: SamplingParams
     generator: torch.Generator
+
+
+# Rows under a grammar: their indices in the batch, and their bitmasks of allowed tokens.
+Masks = tuple[Sequence[int], torch.Tensor]
 
 
 class PendingSample:
@@ -80,12 +86,16 @@ class BatchSampler:
             if prompt:
                 seen[row, to_device(list(prompt), self.device)] = True
 
-    def sample(self, rows: Sequence[int], logits: torch.Tensor) -> list[SampleResult]:
+    def sample(self, rows: Sequence[int], logits: torch.Tensor, masks: Masks | None = None
+               ) -> list[SampleResult]:
         """The next token of each row from its (len(rows), vocab) logits, with logprobs and top
-        logprobs for the rows that ask (from the raw logits, as the reference does)."""
-        return self.launch(rows, logits).results()
+        logprobs for the rows that ask (from the raw logits, as the reference does). masks:
+        the batch indices of the rows under a grammar and their (n, words) int32 bitmasks on
+        the host (constrained.py); the tokens a bitmask forbids get -inf."""
+        return self.launch(rows, logits, masks).results()
 
-    def launch(self, rows: Sequence[int], logits: torch.Tensor) -> PendingSample:
+    def launch(self, rows: Sequence[int], logits: torch.Tensor, masks: Masks | None = None
+               ) -> PendingSample:
         """Queue `sample`'s work on the device and start its one copy to the host, without
         waiting for either: the tokens stay on the device (PendingSample.tokens, which the next
         decode step may take as its input) until results() reads them."""
@@ -97,6 +107,12 @@ class BatchSampler:
         V = raw.shape[1]
         device = raw.device
         processed = self._processed(rows, params, raw)
+        if masks is not None:
+            index, bits = masks
+            chosen = to_device(list(index), device)
+            allowed = allowed_tokens(upload(bits, device), V)
+            processed = processed.index_put(
+                (chosen,), processed[chosen].masked_fill(~allowed, float("-inf")))
 
         sampled = [b for b, p in enumerate(params) if not p.greedy]
         if not sampled:

@@ -24,6 +24,7 @@ from mistral7b.errors import ContextLengthError, InvalidArgumentError, Mistral7B
 from mistral7b.text import clean_bytes, clean_text
 
 if TYPE_CHECKING:
+    from mistral7b.constrained import ResponseFormat
     from mistral7b.generate import StreamPiece
     from mistral7b.llm import LLM
     from mistral7b.sampling import SamplingParams
@@ -126,6 +127,15 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> Non
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    g = p.add_argument_group("structured output (an answer cut by --max-tokens may not parse)")
+    shape = g.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="answer with a JSON object")
+    shape.add_argument("--json-schema", metavar="FILE", type=Path,
+                       help="answer with JSON that follows this JSON schema")
+    shape.add_argument("--grammar", metavar="FILE", type=Path,
+                       help="answer in this Lark grammar (llguidance's dialect; /regex/ "
+                            "terminals allowed)")
+    g = p.add_argument_group("pre-fill")
     g.add_argument("--chunk-size", type=int, default=None,
                    help="pre-fill chunk size (default: the sliding window)")
 
@@ -137,7 +147,29 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-        seed=args.seed, stop=tuple(clean_text(s) for s in args.stop), ignore_eos=args.ignore_eos)
+        seed=args.seed, stop=tuple(clean_text(s) for s in args.stop), ignore_eos=args.ignore_eos,
+        response_format=_response_format(args))
+
+
+def _response_format(args: argparse.Namespace) -> ResponseFormat | None:
+    from mistral7b.constrained import ResponseFormat
+
+    if getattr(args, "json", False):
+        return ResponseFormat.json_object()
+    for flag, path in (("--json-schema", getattr(args, "json_schema", None)),
+                       ("--grammar", getattr(args, "grammar", None))):
+        if path is None:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise InvalidArgumentError(f"{flag} {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise InvalidArgumentError(f"{flag} {path}: not UTF-8 text") from None
+        origin = f"{flag} {path}"
+        return (ResponseFormat.json_schema(text, origin) if flag == "--json-schema"
+                else ResponseFormat.lark(text, origin))
+    return None
 
 
 def _report_length(finish_reason: str | None, max_tokens: int) -> None:

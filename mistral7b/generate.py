@@ -17,6 +17,7 @@ import torch
 
 from mistral7b.cache import RollingCache
 from mistral7b.config import ModelConfig
+from mistral7b.constrained import Constraint
 from mistral7b.detokenizer import StreamDecoder
 from mistral7b.errors import ContextLengthError, InvalidArgumentError
 from mistral7b.model import Transformer
@@ -117,8 +118,9 @@ class SequenceState:
     (the engine keeps one per request; its tokens come from the engine's BatchSampler)."""
 
     def __init__(self, params: SamplingParams, decode: Callable[[list[int]], str],
-                 eos_ids: frozenset[int]) -> None:
+                 eos_ids: frozenset[int], constraint: Constraint | None = None) -> None:
         self.params = params
+        self.constraint = constraint   # the grammar the answer follows, if it has one
         self.decoder = StreamDecoder(decode, params.stop)
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
         self.n_generated = 0
@@ -137,8 +139,13 @@ class SequenceState:
             piece.text = self.decoder.flush()
             return piece
         piece.text = self.decoder.push(result.token_id)
+        if self.constraint is not None:
+            self.constraint.accept(result.token_id)
         if self.decoder.stopped:
             self.finish_reason = "stop"
+        elif self.constraint is not None and self.constraint.finished:
+            self.finish_reason = "stop"           # the grammar is complete
+            piece.text += self.decoder.flush()
         elif self.n_generated >= self.params.max_tokens:
             self.finish_reason = "length"
             piece.text += self.decoder.flush()

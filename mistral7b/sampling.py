@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from mistral7b.constrained import ResponseFormat
 from mistral7b.errors import InvalidArgumentError
 
 __all__ = [
@@ -198,6 +199,11 @@ class SamplingParams:
     top_logprobs: int = 0
     # given as {id: bias} (ids may be digit strings) or (id, bias) pairs; stored as sorted pairs
     logit_bias: Any = ()
+    # Constrained decoding (constrained.py): a ResponseFormat, or OpenAI's response_format
+    # object ({"type": "json_object"}, {"type": "json_schema", "json_schema": {...}}); grammar
+    # is a Lark grammar, stored as response_format.
+    response_format: Any = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         for name, limits in RANGES.items():
@@ -217,6 +223,14 @@ class SamplingParams:
         _require_bool("logprobs", self.logprobs)
 
         object.__setattr__(self, "logit_bias", self._normalise_logit_bias(self.logit_bias))
+        fmt = ResponseFormat.parse(self.response_format)
+        if self.grammar is not None:
+            if not isinstance(self.grammar, str):
+                raise InvalidSamplingParam("grammar must be a string (a Lark grammar)")
+            if fmt is not None:
+                raise InvalidSamplingParam("pass either grammar or response_format, not both")
+            fmt = ResponseFormat.lark(self.grammar)
+        object.__setattr__(self, "response_format", fmt)
 
     @staticmethod
     def _normalise_stop(value: object) -> tuple[str, ...]:

@@ -300,3 +300,32 @@ def test_serve_flags_reach_the_server_options(native_v1_dir: Path,
                      "--api-key", "flag"]) == 0
     options = seen.pop()
     assert options.served_model_names == ["old"] and options.api_key == "flag"
+
+
+def test_structured_output_flags(tmp_path: Path) -> None:
+    """--json-schema and --grammar on the default model; a bad or missing file is one line
+    naming the flag and the file, exit 2."""
+    import json
+
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps({
+        "type": "object", "additionalProperties": False, "required": ["name", "age"],
+        "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}}}))
+    proc = run("chat", "--prompt", "Invent a person.", "--json-schema", str(schema),
+               "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(proc.stdout)) == {"name", "age"}
+    grammar = tmp_path / "yes_no.lark"
+    grammar.write_text('start: "yes" | "no"\n')
+    proc = run("generate", "--prompt", "Is water wet? Answer:", "--grammar", str(grammar),
+               "--temperature", "0")
+    assert proc.returncode == 0 and proc.stdout.strip() in ("yes", "no"), proc.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "objekt"}')
+    for flag, path, message in (("--json-schema", bad, "objekt"),
+                                ("--json-schema", tmp_path / "none.json", "No such file"),
+                                ("--grammar", bad, "--grammar")):
+        proc = run("generate", "--prompt", "x", flag, str(path))
+        assert proc.returncode == 2
+        assert_one_line_error(proc.stderr, f"{flag} {path}")
+        assert message in proc.stderr

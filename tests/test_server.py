@@ -204,6 +204,10 @@ def test_models_health_metrics_tokenize(srv: Running, llm: mistral7b.LLM) -> Non
     ({"top_p": 0}, "top_p", "greater than 0"),
     ({"stop": ""}, "stop", "empty"),
     ({"top_logprobs": 2}, "top_logprobs", "logprobs"),
+    ({"response_format": {"type": "xml"}}, "response_format.type", "json_object"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not implemented"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "objekt"}}}},
+     "response_format", "objekt"),
 ])
 def test_invalid_fields_get_400_naming_the_field(srv: Running, body: dict, param: str,
                                                  words: str) -> None:
@@ -213,6 +217,35 @@ def test_invalid_fields_get_400_naming_the_field(srv: Running, body: dict, param
     error = r.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error"
     assert error["message"].startswith(param) and words in error["message"]
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 20},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 150}}}
+
+
+def test_structured_output_through_the_openai_client(srv: Running) -> None:
+    """response_format json_schema on chat (streamed and not) and json_object on completions."""
+    import jsonschema
+
+    client = srv.client()
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON,
+                                                  "strict": True}}
+    ask = [{"role": "user", "content": "Invent a person; answer in JSON."}]
+    answer = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=80,
+                                            temperature=0, response_format=fmt)  # type: ignore
+    text = answer.choices[0].message.content or ""
+    assert answer.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(text), PERSON)
+    streamed = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=80,
+                                              temperature=0, response_format=fmt,  # type: ignore
+                                              stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+    completion = client.completions.create(
+        model=MODEL, prompt="A JSON object describing a dog:", max_tokens=120, temperature=0,
+        extra_body={"response_format": {"type": "json_object"}})
+    assert completion.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(completion.choices[0].text), dict)
 
 
 def test_null_fields_take_their_defaults(srv: Running) -> None:

@@ -55,8 +55,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mistral7b.batch_sampling import BatchSampler, PendingSample
+from mistral7b.batch_sampling import BatchSampler, Masks, PendingSample
 from mistral7b.cache import RollingCache
+from mistral7b.constrained import Constraint
 from mistral7b.errors import Mistral7BError
 from mistral7b.generate import SequenceState, StreamPiece, check_prompt, decode_step, prefill
 from mistral7b.model import Transformer
@@ -197,7 +198,11 @@ class Engine:
         decode = self.tokenizer.decode
         if isinstance(self.tokenizer, MissingTokenizer) and not params.stop:
             decode = _no_text                    # token ids only: nothing to detokenize
-        state = SequenceState(params, decode, self.tokenizer.eos_ids)
+        constraint = None
+        if params.response_format is not None:    # compiled now: a bad grammar fails here
+            constraint = Constraint(params.response_format, self.tokenizer,
+                                    self.model.config.vocab_size)
+        state = SequenceState(params, decode, self.tokenizer.eos_ids, constraint)
         with self._lock:
             if not self._accepting:
                 raise EngineClosedError("the server is shutting down and takes no new requests")
@@ -341,7 +346,8 @@ class Engine:
         of it still running, and no other request with a token to feed (e.g. one whose
         pre-fill just ended)."""
         running = self._running_now()
-        if any(r.cancelled or r.done or r not in running for r in pending.requests):
+        if any(r.cancelled or r.done or r not in running or r.state.constraint is not None
+               for r in pending.requests):     # a grammar's mask needs the host's token
             return False
         return all(r.next_token is None for r in running)
 
@@ -356,7 +362,8 @@ class Engine:
             else:
                 assert not isinstance(tokens, torch.Tensor)
                 logits = decode_step(self.model, self.cache, rows, tokens)
-            sample = self.sampler.launch(rows, logits)
+            # Grammar masks are computed on the host while the device runs the step.
+            sample = self.sampler.launch(rows, logits, self._masks(requests))
         except Exception as e:
             log.exception("decode step failed")
             for request in requests:
@@ -365,6 +372,24 @@ class Engine:
         for request in requests:
             request.next_token = None            # fed to the model; its successor is in flight
         return _Launched(requests, sample)
+
+    def _masks(self, requests: list[_Request]) -> Masks | None:
+        """The allowed-token bitmasks of the requests under a grammar, if any is. A request
+        whose grammar matcher fails fails alone (its row then samples unmasked, unread)."""
+        which = [i for i, r in enumerate(requests) if r.state.constraint is not None]
+        if not which:
+            return None
+        masks = torch.empty(len(which), Constraint.mask_words(self.model.config.vocab_size),
+                            dtype=torch.int32)
+        for row, i in enumerate(which):
+            constraint = requests[i].state.constraint
+            assert constraint is not None
+            try:
+                constraint.fill(masks[row])
+            except Mistral7BError as e:
+                masks[row] = -1
+                self._fail(requests[i], str(e))
+        return which, masks
 
     def _deliver(self, launched: _Launched, chained: bool) -> None:
         """Read a decode step's tokens and send what each request adds. chained: the next step,
@@ -417,7 +442,8 @@ class Engine:
         """Sample every request's next token from its row of `logits` in one batch (one copy to
         the host) and send what each adds."""
         try:
-            results = self.sampler.sample([r.row for r in requests], logits)
+            results = self.sampler.sample([r.row for r in requests], logits,
+                                          self._masks(requests))
         except Exception as e:
             log.exception("sampling failed")
             for request in requests:

@@ -131,6 +131,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         llm, _ = ready(state)
         _check_model(state, body.model)
+        if body.tools:       # refused by name until tool calling lands, never silently dropped
+            raise APIError(400, "tools: tool calling is not implemented yet; use "
+                           "response_format with a JSON schema for structured answers",
+                           param="tools")
         messages = _messages(body.messages)
         if body.safe_prompt or state.safe_prompt:
             messages = with_safety_prompt(messages)
@@ -249,7 +253,7 @@ def sampling_params(body: SamplingFields, limit: int | None, prompt_len: int, co
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         seed=None if body.seed is None else body.seed + choice, stop=tuple(body.stop_list()),
         ignore_eos=body.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
-        logit_bias=body.logit_bias or ())
+        logit_bias=body.logit_bias or (), response_format=body.response_format)
 
 
 async def _generate(state: ServerState, request: Request, kind: str, body: SamplingFields,

@@ -97,6 +97,9 @@ class SamplingFields(_Body):
     ignore_eos: bool = False
     # token id (a string, as JSON keys are) -> bias in [-100, 100] added to its logit
     logit_bias: dict[str, float] | None = None
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema",
+    # "strict"}}: checked and compiled by constrained.py (a bad schema is a 400 naming it)
+    response_format: dict[str, Any] | None = None
 
     def token_limit(self) -> int | None:
         return self.max_tokens
@@ -114,6 +117,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[int, limits("max_tokens")] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, limits("top_logprobs")] | None = None
+    # Tool calling is not implemented yet: a request with tools is refused by name (app.py).
+    tools: list[Any] | None = None
+    tool_choice: Any = None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None \
