@@ -22,6 +22,7 @@ from mistral7b.detokenizer import StreamDecoder
 from mistral7b.errors import ContextLengthError, InvalidArgumentError
 from mistral7b.model import Transformer
 from mistral7b.sampling import SampleResult, SamplingParams
+from mistral7b.tools import ToolCall
 
 
 @dataclass
@@ -39,10 +40,11 @@ class StreamPiece:
 class GenerationResult:
     text: str
     token_ids: list[int]
-    finish_reason: str                      # "stop" (EOS, stop string or stop token) | "length"
+    finish_reason: str           # "stop" (EOS, stop string or stop token) | "length" | "tool_calls"
     prompt_tokens: int
     logprobs: list[float] | None = None     # per generated token, when asked for
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    tool_calls: list[ToolCall] | None = None  # LLM.chat(tools=...): the calls it made
 
 
 def default_chunk_size(config: ModelConfig) -> int:

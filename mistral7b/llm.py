@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,14 @@ from mistral7b.quant.hugepages import move_packed_weights
 from mistral7b.quant.repack import repack_linears
 from mistral7b.sampling import SamplingParams
 from mistral7b.tokenizer import Message, MissingTokenizer, Tokenizer
+from mistral7b.tools import (
+    answer_format,
+    check_tool_choice,
+    check_tools,
+    parse_calls,
+    tool_calls_token,
+    tool_format,
+)
 
 Prompt = str | Sequence[int]
 
@@ -135,12 +144,44 @@ class LLM:
 
     def chat(self, messages: Sequence[Message], params: SamplingParams | None = None,
              chunk_size: int | None = None, safe_prompt: bool = False,
+             tools: Sequence[dict[str, Any]] | None = None, tool_choice: Any = None,
              **sampling: Any) -> GenerationResult:
         """Answer an OpenAI-style conversation ([{"role": ..., "content": ...}, ...]) in the
         model's chat format. safe_prompt=True makes the paper's guardrail prompt the system
-        message, in front of the conversation's own system message if it has one."""
-        return self.generate(self._chat_prompt(messages, safe_prompt), params, chunk_size,
-                             **sampling)
+        message, in front of the conversation's own system message if it has one.
+
+        tools: OpenAI's function tools; tool_choice: "auto" (default), "none", "required" or
+        {"type": "function", "function": {"name": ...}}. The calls the model makes are in
+        result.tool_calls (finish_reason "tool_calls"); see tools.py for each format."""
+        if tools is None:
+            if tool_choice is not None:
+                raise InvalidArgumentError("tool_choice: needs tools")
+            return self.generate(self._chat_prompt(messages, safe_prompt), params, chunk_size,
+                                 **sampling)
+        spec = check_tools(list(tools))
+        choice = check_tool_choice(tool_choice, spec)
+        params = _params(params, sampling)
+        # A format without tools sees them only when it must call one (tools.py).
+        generic = tool_format(self.tokenizer) == "generic"
+        shown = None if generic and choice in ("auto", "none") else spec
+        prompt = self._chat_prompt(messages, safe_prompt, shown)
+        grammar = answer_format(self.tokenizer, spec, choice)
+        if grammar is not None:
+            if params.response_format is not None:
+                raise InvalidArgumentError("response_format: cannot be combined with a "
+                                           "tool_choice that forces a call")
+            params = replace(params, response_format=grammar)
+        elif choice == "none" and tool_format(self.tokenizer) == "mistral":
+            ban = (tool_calls_token(self.tokenizer), -100.0)
+            params = replace(params, logit_bias=(*params.logit_bias, ban))
+        result = self.generate(prompt, params, chunk_size)
+        if choice != "none":
+            calls = parse_calls(self.tokenizer, result.token_ids, result.text)
+            if calls:
+                result.tool_calls = calls
+                if result.finish_reason == "stop":
+                    result.finish_reason = "tool_calls"
+        return result
 
     def stream_chat(self, messages: Sequence[Message], params: SamplingParams | None = None,
                     chunk_size: int | None = None, safe_prompt: bool = False,
@@ -150,10 +191,11 @@ class LLM:
         return self.stream_generate(self._chat_prompt(messages, safe_prompt), params,
                                     chunk_size, **sampling)
 
-    def _chat_prompt(self, messages: Sequence[Message], safe_prompt: bool) -> list[int]:
+    def _chat_prompt(self, messages: Sequence[Message], safe_prompt: bool,
+                     tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
         if safe_prompt:
             messages = with_safety_prompt(messages)
-        return self.tokenizer.encode_chat(messages)
+        return self.tokenizer.encode_chat(messages, tools)
 
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]],
                             chunk_size: int | None = None) -> list[torch.Tensor]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -10,7 +11,7 @@ from typing import Any, Protocol
 from mistral7b.errors import InvalidArgumentError, TokenizerError
 from mistral7b.text import clean_text
 
-Message = dict[str, str]
+Message = dict[str, Any]
 
 # Looked for next to the weights, first match wins. Mistral's own formats come first: mistral-common
 # is the reference for their chat encodings.
@@ -27,7 +28,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]: ...
+    def encode_chat(self, messages: Sequence[Message],
+                    tools: Sequence[dict[str, Any]] | None = None) -> list[int]: ...
 
 
 # OpenAI's newer clients send the system prompt with role "developer".
@@ -36,21 +38,63 @@ ROLE_ALIASES = {"developer": "system"}
 
 def normalize_messages(messages: Sequence[Message]) -> list[Message]:
     """The OpenAI-style shape every chat format needs, checked (roles order is checked by the
-    format), with role aliases resolved and text cleaned of lone surrogates (text.py)."""
+    format), with role aliases resolved and text cleaned of lone surrogates (text.py).
+
+    Tool calling (tools.py) adds two shapes: an assistant message may carry `tool_calls`
+    (OpenAI's [{"id", "type": "function", "function": {"name", "arguments"}}]; its content may
+    then be null), normalized to [{"id", "name", "arguments"}] with arguments as JSON text; and
+    a {"role": "tool", "tool_call_id", "content"} message holds a call's result."""
     if not messages:
         raise InvalidArgumentError("messages: the conversation is empty")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if not isinstance(m, dict) or "role" not in m or (
+                "content" not in m and not m.get("tool_calls")):
             raise InvalidArgumentError(f"messages[{i}]: expected an object with `role` and "
                                        "`content`")
         role = ROLE_ALIASES.get(m["role"], m["role"])
-        if role not in ("system", "user", "assistant"):
+        if role not in ("system", "user", "assistant", "tool"):
             raise InvalidArgumentError(f"messages[{i}].role: unknown role {m['role']!r}; "
-                                       "expected system (or developer), user or assistant")
-        if not isinstance(m["content"], str):
+                                       "expected system (or developer), user, assistant or tool")
+        content = m.get("content")
+        if content is None and role == "assistant" and m.get("tool_calls"):
+            content = ""
+        if not isinstance(content, str):
             raise InvalidArgumentError(f"messages[{i}].content: expected a string")
-        out.append({**m, "role": role, "content": clean_text(m["content"])})
+        message: Message = {**m, "role": role, "content": clean_text(content)}
+        if role == "tool" and not isinstance(m.get("tool_call_id"), str):
+            raise InvalidArgumentError(f"messages[{i}].tool_call_id: a tool message needs the "
+                                       "id of the call it answers")
+        if m.get("tool_calls") is not None:
+            if role != "assistant":
+                raise InvalidArgumentError(f"messages[{i}].tool_calls: only assistant messages "
+                                           "make tool calls")
+            message["tool_calls"] = _tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
+        out.append(message)
+    return out
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, str]]:
+    """OpenAI's tool_calls (or ours, already flat) as [{"id", "name", "arguments"}]."""
+    if not isinstance(calls, list):
+        raise InvalidArgumentError(f"{where}: expected a list of calls")
+    out = []
+    for j, call in enumerate(calls):
+        flat = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(flat, dict) or not isinstance(flat.get("name"), str):
+            raise InvalidArgumentError(f"{where}[{j}]: expected {{\"id\", \"function\": "
+                                       "{\"name\", \"arguments\"}}")
+        arguments = flat.get("arguments", "{}")
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments)
+        try:
+            json.loads(arguments or "{}")
+        except ValueError:
+            raise InvalidArgumentError(f"{where}[{j}].function.arguments: not valid "
+                                       "JSON") from None
+        call_id = call.get("id") if isinstance(call, dict) else None
+        out.append({"id": call_id if isinstance(call_id, str) else f"call{j}",
+                    "name": flat["name"], "arguments": arguments})
     return out
 
 
@@ -76,30 +120,59 @@ class MistralCommonTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._raw.decode(list(ids)))
 
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
-        """Tokens of a conversation ending with a user turn, ready for the assistant's answer.
+    def encode_chat(self, messages: Sequence[Message],
+                    tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        """Tokens of a conversation ending with a user turn (or a tool result), ready for the
+        assistant's answer; `tools` (tools.check_tools' shape) in [AVAILABLE_TOOLS].
 
         For v1 (Mistral 7B v0.1), which has no system role, mistral-common prepends the system
-        prompt to the first user message with a blank line, as the paper's format does.
+        prompt to the first user message with a blank line, as the paper's format does. v1 has
+        no tools either: they and any calls and results are written as text
+        (tools.generic_messages).
         """
         from mistral_common.protocol.instruct.messages import (
             AssistantMessage,
             SystemMessage,
+            ToolMessage,
             UserMessage,
         )
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
+        from mistral_common.protocol.instruct.tool_calls import (
+            Function,
+            FunctionCall,
+            Tool,
+            ToolCall,
+        )
+
+        from mistral7b.tools import generic_messages, mistral_call_id
 
         messages = normalize_messages(messages)
         if str(self._raw.version).lower().endswith("v1"):
+            if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+                messages = generic_messages(messages, tools)
+                tools = None
             # mistral-common's v1 encoder joins two user turns in a row and accepts roles out
             # of order; the v1 format does not allow them, and our GGUF v1 encoder refuses them.
             from mistral7b.chat import split_instruct_turns
 
             split_instruct_turns(messages)
-        kinds: dict[str, Any] = {"system": SystemMessage, "user": UserMessage,
-                                 "assistant": AssistantMessage}
+
+        def convert(m: Message) -> Any:
+            if m["role"] == "tool":
+                return ToolMessage(content=m["content"],
+                                   tool_call_id=mistral_call_id(m["tool_call_id"]))
+            if m["role"] == "assistant" and m.get("tool_calls"):
+                return AssistantMessage(content=m["content"] or None, tool_calls=[
+                    ToolCall(id=mistral_call_id(c["id"]),
+                             function=FunctionCall(name=c["name"], arguments=c["arguments"]))
+                    for c in m["tool_calls"]])
+            kinds: dict[str, Any] = {"system": SystemMessage, "user": UserMessage,
+                                     "assistant": AssistantMessage}
+            return kinds[m["role"]](content=m["content"])
+
         request = ChatCompletionRequest(
-            messages=[kinds[m["role"]](content=m["content"]) for m in messages])
+            messages=[convert(m) for m in messages],
+            tools=[Tool(function=Function(**t["function"])) for t in tools] if tools else None)
         try:
             return list(self._mistral.encode_chat_completion(request).tokens)
         except Exception as e:  # mistral-common's validation errors for roles out of order
@@ -149,10 +222,24 @@ class BackendTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=True))
 
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+    def encode_chat(self, messages: Sequence[Message],
+                    tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        """The conversation in the checkpoint's chat format. A template that reads `tools`
+        gets them (and calls and results in Hugging Face's message shape); other formats get
+        them as text (tools.generic_messages)."""
         from mistral7b.chat import encode_mistral_v1_chat, render_chat_template
+        from mistral7b.tools import generic_messages, tool_format
 
         messages = normalize_messages(messages)
+        with_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls")
+                                        for m in messages)
+        if with_tools and tool_format(self) == "jinja" and self.chat_template is not None:
+            text = render_chat_template(self.chat_template, [_hf_message(m) for m in messages],
+                                        bos_token=self.bos_token, eos_token=self.eos_token,
+                                        add_generation_prompt=True, tools=list(tools or []) or None)
+            return self.encode(text, bos=False)
+        if with_tools:
+            messages = generic_messages(messages, tools)
         if self.mistral_v1_chat and self.bos_id is not None and self._eos_id is not None:
             return encode_mistral_v1_chat(messages, lambda text: self.encode(text, bos=False),
                                           self.bos_id, self._eos_id)
@@ -163,6 +250,17 @@ class BackendTokenizer:
                                     eos_token=self.eos_token, add_generation_prompt=True)
         # The template writes special tokens (BOS included) as text; encode adds none.
         return self.encode(text, bos=False)
+
+
+def _hf_message(m: Message) -> Message:
+    """A message as Hugging Face chat templates read it: calls with `function` and their
+    arguments as an object."""
+    if not m.get("tool_calls"):
+        return m
+    calls = [{"id": c["id"], "type": "function",
+              "function": {"name": c["name"], "arguments": json.loads(c["arguments"] or "{}")}}
+             for c in m["tool_calls"]]
+    return {**m, "tool_calls": calls}
 
 
 def hf_tokenizer(directory: Path) -> BackendTokenizer:
@@ -228,7 +326,8 @@ class MissingTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         raise TokenizerError(self._why)
 
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+    def encode_chat(self, messages: Sequence[Message],
+                    tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
         raise TokenizerError(self._why)
 
 

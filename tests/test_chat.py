@@ -190,6 +190,9 @@ def test_messages_are_validated_first() -> None:
     with pytest.raises(InvalidArgumentError, match="empty"):
         render_chat_template("{{ messages }}", [], bos_token=None, eos_token=None)
     with pytest.raises(InvalidArgumentError, match="unknown role"):
+        render_chat_template("{{ messages }}", [{"role": "wizard", "content": "x"}],
+                             bos_token=None, eos_token=None)
+    with pytest.raises(InvalidArgumentError, match="tool_call_id"):   # tool results name a call
         render_chat_template("{{ messages }}", [{"role": "tool", "content": "x"}],
                              bos_token=None, eos_token=None)
 

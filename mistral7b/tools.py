@@ -1,0 +1,229 @@
+"""Tool calling: OpenAI-style `tools` in the model's own chat format, the calls parsed out of its
+answer, and tool_choice "required" or a named function enforced by a grammar (constrained.py).
+
+How a format shows tools (`tool_format`):
+
+    mistral   mistral-common tokenizers v2 and later (SentencePiece v2/v3/v7, tekken). The tools
+              go in [AVAILABLE_TOOLS], the model answers `[TOOL_CALLS][{"name": ..., "arguments":
+              {...}}, ...]`, results come back in [TOOL_RESULTS]; mistral-common renders all of
+              it (the reference).
+    jinja     a Hugging Face / GGUF chat template that reads a `tools` variable: the template
+              renders them; calls are read from `<tool_call>{...}</tool_call>` blocks (the
+              common Hermes/Qwen convention).
+    generic   a format without tools (Mistral 7B v0.1's instruct format, templates that ignore
+              `tools`). tool_choice "auto" (or "none") renders no tools and the model answers
+              in text;
+              "required" or a named function describes the tools in the system message and
+              constrains the answer to a JSON array of calls, `[{"name": ..., "arguments":
+              {...}}]`. Tool calls and results in the history are written as text.
+
+With "required" or a named function the answer is constrained to valid calls in every format:
+names from `tools` (or the one named) and arguments that follow each tool's JSON schema. With
+"auto" the model chooses; "none" renders the tools but never constrains or parses calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mistral7b.constrained import ResponseFormat
+from mistral7b.errors import InvalidArgumentError
+
+Format = Literal["mistral", "jinja", "generic"]
+_ID_CHARS = string.ascii_letters + string.digits
+
+
+@dataclass
+class ToolCall:
+    """One call the model made: `arguments` is JSON text, as in OpenAI's API."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+def new_call_id() -> str:
+    """Nine letters and digits: the ids Mistral's formats require (and OpenAI clients accept)."""
+    return "".join(secrets.choice(_ID_CHARS) for _ in range(9))
+
+
+def mistral_call_id(call_id: str) -> str:
+    """A client's call id (e.g. OpenAI's "call_..."), as the nine letters and digits Mistral's
+    formats require; the same id always maps to the same one."""
+    if re.fullmatch(r"[A-Za-z0-9]{9}", call_id):
+        return call_id
+    digest = hashlib.sha256(call_id.encode()).digest()
+    return "".join(_ID_CHARS[b % len(_ID_CHARS)] for b in digest[:9])
+
+
+# ---- checking what the caller sends -------------------------------------------------------
+
+
+def check_tools(tools: Any) -> list[dict[str, Any]]:
+    """OpenAI's `tools`: [{"type": "function", "function": {"name", "description"?,
+    "parameters"?}}], checked; returned as that shape with `parameters` filled in."""
+    if not isinstance(tools, list) or not tools:
+        raise InvalidArgumentError("tools: expected a non-empty list of tools")
+    out, names = [], set()
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or \
+                not isinstance(function, dict):
+            raise InvalidArgumentError(f"tools[{i}]: expected {{\"type\": \"function\", "
+                                       "\"function\": {\"name\": ...}}")
+        name = function.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise InvalidArgumentError(f"tools[{i}].function.name: expected 1-64 letters, "
+                                       "digits, _ . or -")
+        if name in names:
+            raise InvalidArgumentError(f"tools[{i}].function.name: {name!r} is defined twice")
+        names.add(name)
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict):
+            raise InvalidArgumentError(f"tools[{i}].function.parameters: expected a JSON "
+                                       "schema object")
+        description = function.get("description", "")
+        if not isinstance(description, str):
+            raise InvalidArgumentError(f"tools[{i}].function.description: expected a string")
+        out.append({"type": "function", "function": {"name": name, "description": description,
+                                                     "parameters": parameters}})
+    return out
+
+
+def check_tool_choice(choice: Any, tools: Sequence[dict[str, Any]]) -> str:
+    """"auto" (default), "none", "required", or the name of the one function to call (OpenAI's
+    {"type": "function", "function": {"name": ...}})."""
+    if choice is None:
+        return "auto"
+    if choice in ("auto", "none", "required"):
+        return str(choice)
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise InvalidArgumentError("tool_choice: expected \"auto\", \"none\", \"required\" or "
+                                   "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+    if name not in {t["function"]["name"] for t in tools}:
+        raise InvalidArgumentError(f"tool_choice: no tool is named {name!r}")
+    return name
+
+
+# ---- formats ------------------------------------------------------------------------------
+
+
+def tool_format(tokenizer: Any) -> Format:
+    """How `tokenizer`'s chat format shows tools (see the module docstring)."""
+    raw = getattr(tokenizer, "_raw", None)
+    if raw is not None:                                   # mistral-common
+        return "generic" if str(raw.version).lower().endswith("v1") else "mistral"
+    template = getattr(tokenizer, "chat_template", None)
+    if template and not getattr(tokenizer, "mistral_v1_chat", False) and "tools" in template:
+        return "jinja"
+    return "generic"
+
+
+# Calls in one forced answer at most: a small model at temperature 0 otherwise repeats the same
+# call until max_tokens (repeated identical calls are also dropped when parsed).
+MAX_PARALLEL_CALLS = 4
+
+
+def calls_schema(tools: Sequence[dict[str, Any]], choice: str) -> dict[str, Any]:
+    """The JSON schema of a non-empty array of calls to `tools`, at most MAX_PARALLEL_CALLS
+    (only `choice` when it names one, and then exactly one call)."""
+    allowed = [t["function"] for t in tools
+               if choice in ("auto", "required") or t["function"]["name"] == choice]
+    calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+              "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]}}
+             for f in allowed]
+    named = choice not in ("auto", "required")
+    return {"type": "array", "minItems": 1, "maxItems": 1 if named else MAX_PARALLEL_CALLS,
+            "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+
+
+def tool_calls_token(tokenizer: Any) -> int:
+    """The id of Mistral's [TOOL_CALLS] control token."""
+    raw = tokenizer._raw
+    return int(raw.get_special_token("[TOOL_CALLS]"))
+
+
+def answer_format(tokenizer: Any, tools: Sequence[dict[str, Any]], choice: str
+                  ) -> ResponseFormat | None:
+    """The grammar that makes the answer valid calls, for "required" or a named function."""
+    if choice in ("auto", "none"):
+        return None
+    schema = json.dumps(calls_schema(tools, choice))
+    if tool_format(tokenizer) == "mistral":
+        return ResponseFormat.lark(f"start: <[{tool_calls_token(tokenizer)}]> calls\n"
+                                   f"calls: %json {schema}", origin="tools")
+    return ResponseFormat.json_schema(schema, origin="tools")
+
+
+def generic_messages(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None
+                     ) -> list[dict[str, Any]]:
+    """A conversation with tools as plain system/user/assistant text, for formats without
+    tools: the tools (when given) in the system message with how to call them, calls as their
+    JSON array, results as user messages."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if m["role"] == "tool":
+            text = f"Result of tool call {m['tool_call_id']}: {m['content']}"
+            out.append({"role": "user", "content": text})
+        elif m["role"] == "assistant" and m.get("tool_calls"):
+            calls = [{"name": c["name"], "arguments": json.loads(c["arguments"] or "{}")}
+                     for c in m["tool_calls"]]
+            content = (m["content"] + "\n" if m["content"] else "") + json.dumps(calls)
+            out.append({"role": "assistant", "content": content})
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    if tools:
+        note = ("You can call these tools. To call them, answer with only a JSON array of "
+                "calls, [{\"name\": ..., \"arguments\": {...}}]:\n"
+                + "\n".join(json.dumps(t["function"]) for t in tools))
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{note}"}
+        else:
+            out.insert(0, {"role": "system", "content": note})
+    return out
+
+
+# ---- reading the answer -------------------------------------------------------------------
+
+
+def parse_calls(tokenizer: Any, token_ids: Sequence[int], text: str) -> list[ToolCall]:
+    """The calls in an answer ([] when it is plain text, or its calls do not parse)."""
+    kind = tool_format(tokenizer)
+    if kind == "mistral":
+        if not token_ids or token_ids[0] != tool_calls_token(tokenizer):
+            return []
+        return _calls_from_json(tokenizer.decode(list(token_ids[1:])))
+    if kind == "jinja":
+        backend = getattr(tokenizer, "backend", None)
+        full = (backend.decode(list(token_ids), skip_special_tokens=False)
+                if backend is not None else text)
+        blocks = re.findall(r"<tool_call>\s*(.*?)\s*</tool_call>", full, flags=re.S)
+        if blocks:
+            return [c for block in blocks for c in _calls_from_json(block)]
+    return _calls_from_json(text) if text.lstrip().startswith("[") else []
+
+
+def _calls_from_json(text: str) -> list[ToolCall]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    items = value if isinstance(value, list) else [value]
+    calls: list[ToolCall] = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return []
+        arguments = item.get("arguments", {})
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        if not any(c.name == item["name"] and c.arguments == text for c in calls):
+            calls.append(ToolCall(new_call_id(), item["name"], text))
+    return calls

@@ -1,0 +1,171 @@
+"""Tool calling in the Python API (tools.py): conversations with tools encode as mistral-common
+encodes them; forced calls are well-formed on every format, even from the 135M default model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+import mistral7b
+from mistral7b.errors import InvalidArgumentError
+from mistral7b.tokenizer import MistralCommonTokenizer
+from mistral7b.tools import mistral_call_id, tool_calls_token, tool_format
+from tests.conftest import make_hf_mistral, save_native
+
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["city"],
+           "properties": {"city": {"type": "string", "maxLength": 30},
+                          "unit": {"enum": ["C", "F"]}}}
+ADD = {"type": "object", "additionalProperties": False, "required": ["a", "b"],
+       "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER,
+                                           "description": "Current weather in a city"}},
+         {"type": "function", "function": {"name": "add", "parameters": ADD,
+                                           "description": "Add two integers"}}]
+SCHEMAS = {"get_weather": WEATHER, "add": ADD}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def data_file(name: str) -> Path:
+    import mistral_common
+
+    return Path(os.path.dirname(mistral_common.__file__)) / "data" / name
+
+
+@pytest.fixture(scope="module")
+def llm() -> mistral7b.LLM:
+    return mistral7b.load(progress=False)            # the default model: a generic format
+
+
+@pytest.fixture(scope="module")
+def mistral_v3(tmp_path_factory: pytest.TempPathFactory) -> mistral7b.LLM:
+    """A tiny random model with Mistral's v3 tokenizer: the [TOOL_CALLS] format."""
+    directory = save_native(make_hf_mistral(vocab=32768, seed=4),
+                            tmp_path_factory.mktemp("native_v3"))
+    shutil.copy(data_file("mistral_instruct_tokenizer_240323.model.v3"),
+                directory / "tokenizer.model.v3")
+    return mistral7b.load(directory, progress=False)
+
+
+def assert_valid_calls(result: mistral7b.GenerationResult, names: set[str]) -> None:
+    assert result.finish_reason == "tool_calls" and result.tool_calls, result
+    for call in result.tool_calls:
+        assert call.name in names and len(call.id) == 9
+        jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+
+
+@pytest.mark.parametrize("name", ["mistral_instruct_tokenizer_240323.model.v3",
+                                  "tekken_240911.json",
+                                  "mistral_instruct_tokenizer_241114.model.v7"])
+def test_a_conversation_with_tools_encodes_as_mistral_common_does(name: str) -> None:
+    from mistral_common.protocol.instruct.messages import (
+        AssistantMessage,
+        ToolMessage,
+        UserMessage,
+    )
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    ours = MistralCommonTokenizer(data_file(name))
+    assert tool_format(ours) == "mistral"
+    call_id = "call_0001"                     # OpenAI-style: mapped to Mistral's 9 characters
+    messages = [*ASK,
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": call_id, "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": call_id, "content": '{"temp": 21}'},
+                {"role": "assistant", "content": "It is 21 degrees."},
+                {"role": "user", "content": "And 2 + 3?"}]
+    mapped = mistral_call_id(call_id)
+    reference = MistralTokenizer.from_file(str(data_file(name))).encode_chat_completion(
+        ChatCompletionRequest(
+            tools=[Tool(function=Function(**t["function"])) for t in TOOLS],
+            messages=[UserMessage(content=ASK[0]["content"]),
+                      AssistantMessage(content=None, tool_calls=[ToolCall(
+                          id=mapped, function=FunctionCall(name="get_weather",
+                                                           arguments='{"city": "Paris"}'))]),
+                      ToolMessage(content='{"temp": 21}', tool_call_id=mapped),
+                      AssistantMessage(content="It is 21 degrees."),
+                      UserMessage(content="And 2 + 3?")])).tokens
+    assert ours.encode_chat(messages, TOOLS) == list(reference)
+
+
+def test_required_calls_from_the_default_model_are_well_formed(llm: mistral7b.LLM) -> None:
+    assert tool_format(llm.tokenizer) == "generic"
+    for seed in range(8):
+        result = llm.chat(ASK, tools=TOOLS, tool_choice="required", temperature=1.0, seed=seed,
+                          max_tokens=200)
+        assert_valid_calls(result, {"get_weather", "add"})
+
+
+def test_a_named_function_gets_exactly_one_call(llm: mistral7b.LLM) -> None:
+    result = llm.chat(ASK, tools=TOOLS, temperature=0, max_tokens=100,
+                      tool_choice={"type": "function", "function": {"name": "add"}})
+    assert_valid_calls(result, {"add"})
+    assert len(result.tool_calls or []) == 1
+
+
+def test_auto_on_a_format_without_tools_answers_in_text(llm: mistral7b.LLM) -> None:
+    plain = llm.chat(ASK, temperature=0, max_tokens=20)
+    auto = llm.chat(ASK, tools=TOOLS, temperature=0, max_tokens=20)
+    assert auto.text == plain.text and auto.tool_calls is None
+
+
+def test_a_tool_result_is_answered_in_text(llm: mistral7b.LLM) -> None:
+    call = llm.chat(ASK, tools=TOOLS, tool_choice="required", temperature=0,
+                    max_tokens=200).tool_calls
+    assert call
+    follow = [*ASK,
+              {"role": "assistant", "content": None, "tool_calls": [
+                  {"id": call[0].id, "type": "function",
+                   "function": {"name": call[0].name, "arguments": call[0].arguments}}]},
+              {"role": "tool", "tool_call_id": call[0].id, "content": '{"temp": 21}'}]
+    prompt = llm.tokenizer.decode(llm.tokenizer.encode_chat(follow))
+    assert call[0].id in prompt and '{"temp": 21}' in prompt
+    answer = llm.chat(follow, tools=TOOLS, temperature=0, max_tokens=30)
+    assert answer.text and answer.tool_calls is None
+
+
+def test_mistral_format_calls_start_with_the_tool_calls_token(mistral_v3: mistral7b.LLM
+                                                              ) -> None:
+    marker = tool_calls_token(mistral_v3.tokenizer)
+    result = mistral_v3.chat(ASK, tools=TOOLS, tool_choice="required", temperature=0.8, seed=1,
+                             max_tokens=300)
+    assert result.token_ids[0] == marker
+    assert_valid_calls(result, {"get_weather", "add"})
+    # "none": the tools are shown, but [TOOL_CALLS] is never sampled.
+    for seed in range(3):
+        none = mistral_v3.chat(ASK, tools=TOOLS, tool_choice="none", temperature=1.0,
+                               seed=seed, max_tokens=5,
+                               logit_bias={marker: 100})   # even when pushed towards it
+        assert marker not in none.token_ids and none.tool_calls is None
+
+
+@pytest.mark.parametrize(("tools", "choice", "message"), [
+    ([], None, "tools: expected a non-empty list"),
+    ([{"type": "function", "function": {"name": "bad name"}}], None, "tools[0].function.name"),
+    ([TOOLS[0], TOOLS[0]], None, "defined twice"),
+    (TOOLS, {"type": "function", "function": {"name": "nope"}}, "no tool is named 'nope'"),
+    (TOOLS, "sometimes", "tool_choice"),
+    (None, "required", "tool_choice: needs tools"),
+])
+def test_bad_tools_are_refused_naming_the_field(llm: mistral7b.LLM, tools: object,
+                                                choice: object, message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=message.replace("[", r"\[")):
+        llm.chat(ASK, tools=tools, tool_choice=choice)  # type: ignore[arg-type]
+
+
+def test_bad_tool_messages_are_refused(llm: mistral7b.LLM) -> None:
+    with pytest.raises(InvalidArgumentError, match="tool_call_id"):
+        llm.chat([*ASK, {"role": "tool", "content": "x"}])
+    with pytest.raises(InvalidArgumentError, match="not valid JSON"):
+        llm.chat([*ASK, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "a", "function": {"name": "f", "arguments": "{oops"}}]}])
+    with pytest.raises(InvalidArgumentError, match="cannot be combined"):
+        llm.chat(ASK, tools=TOOLS, tool_choice="required",
+                 response_format={"type": "json_object"})
