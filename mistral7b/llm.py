@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +30,7 @@ from mistral7b.quant.hugepages import move_packed_weights
 from mistral7b.quant.repack import repack_linears
 from mistral7b.sampling import SamplingParams
 from mistral7b.tokenizer import Message, MissingTokenizer, Tokenizer
-from mistral7b.tools import (
-    answer_format,
-    check_tool_choice,
-    check_tools,
-    parse_calls,
-    tool_calls_token,
-    tool_format,
-)
+from mistral7b.tools import parse_calls, plan_tools
 
 Prompt = str | Sequence[int]
 
@@ -158,24 +150,11 @@ class LLM:
                 raise InvalidArgumentError("tool_choice: needs tools")
             return self.generate(self._chat_prompt(messages, safe_prompt), params, chunk_size,
                                  **sampling)
-        spec = check_tools(list(tools))
-        choice = check_tool_choice(tool_choice, spec)
-        params = _params(params, sampling)
-        # A format without tools sees them only when it must call one (tools.py).
-        generic = tool_format(self.tokenizer) == "generic"
-        shown = None if generic and choice in ("auto", "none") else spec
-        prompt = self._chat_prompt(messages, safe_prompt, shown)
-        grammar = answer_format(self.tokenizer, spec, choice)
-        if grammar is not None:
-            if params.response_format is not None:
-                raise InvalidArgumentError("response_format: cannot be combined with a "
-                                           "tool_choice that forces a call")
-            params = replace(params, response_format=grammar)
-        elif choice == "none" and tool_format(self.tokenizer) == "mistral":
-            ban = (tool_calls_token(self.tokenizer), -100.0)
-            params = replace(params, logit_bias=(*params.logit_bias, ban))
+        plan = plan_tools(self.tokenizer, list(tools), tool_choice)
+        prompt = self._chat_prompt(messages, safe_prompt, plan.shown)
+        params = plan.sampling(_params(params, sampling))
         result = self.generate(prompt, params, chunk_size)
-        if choice != "none":
+        if plan.parses_calls:
             calls = parse_calls(self.tokenizer, result.token_ids, result.text)
             if calls:
                 result.tool_calls = calls

@@ -30,11 +30,12 @@ import re
 import secrets
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from mistral7b.constrained import ResponseFormat
 from mistral7b.errors import InvalidArgumentError
+from mistral7b.sampling import SamplingParams
 
 Format = Literal["mistral", "jinja", "generic"]
 _ID_CHARS = string.ascii_letters + string.digits
@@ -190,6 +191,43 @@ def generic_messages(messages: Sequence[dict[str, Any]], tools: Sequence[dict[st
         else:
             out.insert(0, {"role": "system", "content": note})
     return out
+
+
+@dataclass
+class ToolPlan:
+    """What a chat request with tools needs: the tools its prompt shows (None: none), and the
+    sampling changes that enforce tool_choice."""
+
+    tools: list[dict[str, Any]]
+    choice: str
+    shown: list[dict[str, Any]] | None
+    grammar: ResponseFormat | None          # forced calls
+    banned: int | None                      # a token the answer may not contain ("none")
+
+    @property
+    def parses_calls(self) -> bool:
+        return self.choice != "none"
+
+    def sampling(self, params: SamplingParams) -> SamplingParams:
+        if self.grammar is not None:
+            if params.response_format is not None:
+                raise InvalidArgumentError("response_format: cannot be combined with a "
+                                           "tool_choice that forces a call")
+            return replace(params, response_format=self.grammar)
+        if self.banned is not None:
+            return replace(params, logit_bias=(*params.logit_bias, (self.banned, -100.0)))
+        return params
+
+
+def plan_tools(tokenizer: Any, tools: Any, tool_choice: Any) -> ToolPlan:
+    """Check `tools` and `tool_choice` and decide how `tokenizer`'s format shows and enforces
+    them (see the module docstring)."""
+    spec = check_tools(tools)
+    choice = check_tool_choice(tool_choice, spec)
+    kind = tool_format(tokenizer)
+    shown = None if kind == "generic" and choice in ("auto", "none") else spec
+    banned = tool_calls_token(tokenizer) if kind == "mistral" and choice == "none" else None
+    return ToolPlan(spec, choice, shown, answer_format(tokenizer, spec, choice), banned)
 
 
 # ---- reading the answer -------------------------------------------------------------------

@@ -205,7 +205,10 @@ def test_models_health_metrics_tokenize(srv: Running, llm: mistral7b.LLM) -> Non
     ({"stop": ""}, "stop", "empty"),
     ({"top_logprobs": 2}, "top_logprobs", "logprobs"),
     ({"response_format": {"type": "xml"}}, "response_format.type", "json_object"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not implemented"),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name",
+     "letters"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id", "id"),
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "objekt"}}}},
      "response_format", "objekt"),
 ])
@@ -246,6 +249,72 @@ def test_structured_output_through_the_openai_client(srv: Running) -> None:
         extra_body={"response_format": {"type": "json_object"}})
     assert completion.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(completion.choices[0].text), dict)
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 30}}}}}
+
+
+def test_tool_calls_through_the_openai_client(srv: Running) -> None:
+    """tools + required: calls whose arguments validate, content null, finish_reason
+    "tool_calls"; streamed deltas reassemble to the same calls; a tool result is answered."""
+    import jsonschema
+
+    client = srv.client()
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    answer = client.chat.completions.create(
+        model=MODEL, messages=ask, tools=[WEATHER_TOOL], tool_choice="required",  # type: ignore
+        temperature=0, max_tokens=150)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls or []
+    assert calls and all(c.function.name == "get_weather" for c in calls)
+    for call in calls:
+        jsonschema.validate(json.loads(call.function.arguments),
+                            WEATHER_TOOL["function"]["parameters"])  # type: ignore[index]
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ask, tools=[WEATHER_TOOL], tool_choice="required",  # type: ignore
+        temperature=0, max_tokens=150, stream=True)
+    parts: dict[int, dict[str, str]] = {}
+    reasons = []
+    for chunk in stream:
+        for c in chunk.choices:
+            reasons.append(c.finish_reason)
+            for delta in c.delta.tool_calls or []:
+                part = parts.setdefault(delta.index, {"name": "", "arguments": ""})
+                part["name"] += (delta.function.name or "") if delta.function else ""
+                part["arguments"] += (delta.function.arguments or "") if delta.function else ""
+    assert "tool_calls" in reasons
+    assert [(p["name"], p["arguments"]) for _, p in sorted(parts.items())] == \
+        [(c.function.name, c.function.arguments) for c in calls]
+    follow = [*ask, {"role": "assistant", "content": None,
+                     "tool_calls": [c.model_dump() for c in calls[:1]]},
+              {"role": "tool", "tool_call_id": calls[0].id, "content": '{"temp": 21}'}]
+    reply = client.chat.completions.create(model=MODEL, messages=follow,  # type: ignore
+                                           tools=[WEATHER_TOOL], temperature=0, max_tokens=20)
+    assert reply.choices[0].message.content and not reply.choices[0].message.tool_calls
+
+
+def test_langchain_structured_output_and_bind_tools(srv: Running) -> None:
+    """What agent frameworks do: langchain-openai's with_structured_output (a JSON-schema
+    response_format) and bind_tools (tools, here with a forced call)."""
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        name: str = Field(max_length=20)
+        age: int = Field(ge=0, le=150)
+
+    chat = ChatOpenAI(base_url=f"{srv.url}/v1", api_key="unused", model=MODEL,  # type: ignore
+                      temperature=0, max_tokens=80, max_retries=0)
+    person = chat.with_structured_output(Person).invoke("Invent a person.")
+    assert isinstance(person, Person)
+    answer = chat.bind_tools([WEATHER_TOOL], tool_choice="get_weather").invoke(
+        "What is the weather in Paris?")
+    assert [c["name"] for c in answer.tool_calls] == ["get_weather"]  # type: ignore[attr-defined]
+    assert isinstance(answer.tool_calls[0]["args"]["city"], str)  # type: ignore[attr-defined]
 
 
 def test_null_fields_take_their_defaults(srv: Running) -> None:
@@ -639,10 +708,10 @@ def test_health_answers_while_a_prompt_is_tokenized(srv: Running, llm: mistral7b
     started, release = threading.Event(), threading.Event()
     real = llm.tokenizer.encode_chat
 
-    def slow_encode_chat(messages: list[dict[str, str]]) -> list[int]:
+    def slow_encode_chat(messages: list[dict[str, str]], tools: object = None) -> list[int]:
         started.set()
         release.wait(60)                       # a huge conversation, as slow as we like
-        return real(messages)
+        return real(messages, tools)  # type: ignore[arg-type]
 
     monkeypatch.setattr(llm.tokenizer, "encode_chat", slow_encode_chat)
     with ThreadPoolExecutor(1) as pool:

@@ -44,6 +44,7 @@ from mistral7b.server.schemas import (
 )
 from mistral7b.server.state import ServerState, ready
 from mistral7b.server.streaming import Answer, Choices, collect, reply, stream_events
+from mistral7b.tools import ToolPlan, parse_calls, plan_tools
 
 log = logging.getLogger("mistral7b")
 
@@ -131,16 +132,18 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         llm, _ = ready(state)
         _check_model(state, body.model)
-        if body.tools:       # refused by name until tool calling lands, never silently dropped
-            raise APIError(400, "tools: tool calling is not implemented yet; use "
-                           "response_format with a JSON schema for structured answers",
-                           param="tools")
+        plan = None
+        if body.tools is not None:
+            plan = plan_tools(llm.tokenizer, body.tools, body.tool_choice)
+        elif body.tool_choice is not None:
+            raise APIError(400, "tool_choice: needs tools", param="tool_choice")
         messages = _messages(body.messages)
         if body.safe_prompt or state.safe_prompt:
             messages = with_safety_prompt(messages)
         # Tokenizing a large conversation takes a while: off the event loop, which keeps
         # answering /health and the other streams meanwhile.
-        prompt = await asyncio.to_thread(llm.tokenizer.encode_chat, messages)
+        prompt = await asyncio.to_thread(llm.tokenizer.encode_chat, messages,
+                                         plan.shown if plan else None)
         top = body.top_logprobs or 0
         if top and not body.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
@@ -150,12 +153,13 @@ def create_app(state: ServerState) -> FastAPI:
             verdict = (await _moderate(state, [last_user], "user"))[0]
             if verdict.flagged:
                 envelope = responses.Envelope("chat", body.model or state.model_name)
-                refusal = (refusal_message(verdict), "content_filter", None)
+                refusal = (refusal_message(verdict), "content_filter", None, None)
                 report_usage(request, len(prompt), 0)
                 return reply(envelope, body, [refusal] * body.n,
                              responses.usage(len(prompt), 0))
         return await _generate(state, request, "chat", body, [prompt], body.logprobs, top,
-                               moderate_output=state.moderate in ("output", "both"))
+                               moderate_output=state.moderate in ("output", "both"),
+                               tools=plan)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -198,7 +202,7 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
-def _messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     try:
         return as_messages(messages)
     except ValueError as e:
@@ -258,7 +262,8 @@ def sampling_params(body: SamplingFields, limit: int | None, prompt_len: int, co
 
 async def _generate(state: ServerState, request: Request, kind: str, body: SamplingFields,
                     prompts: list[list[int]], logprobs: bool, top_logprobs: int,
-                    moderate_output: bool = False) -> Response:
+                    moderate_output: bool = False, tools: ToolPlan | None = None
+                    ) -> Response:
     """Choice k answers prompts[k // n] (OpenAI's order for several prompts)."""
     llm, engine = ready(state)
     arrived = time.monotonic()
@@ -268,6 +273,10 @@ async def _generate(state: ServerState, request: Request, kind: str, body: Sampl
     requests = [(prompt, sampling_params(body, limit, len(prompt), llm.config.max_seq_len,
                                          logprobs, top_logprobs, j))
                 for prompt in prompts for j in range(body.n)]
+    if tools is not None:
+        requests = [(prompt, tools.sampling(params)) for prompt, params in requests]
+    # Calls are known once an answer is whole: such streams are replayed from the whole answer.
+    whole_first = moderate_output or (tools is not None and tools.parses_calls)
     choices = Choices(engine)
     choices.submit(requests)
     envelope = responses.Envelope(kind, body.model or state.model_name)
@@ -275,7 +284,7 @@ async def _generate(state: ServerState, request: Request, kind: str, body: Sampl
     def token_text(token_id: int) -> str:
         return llm.tokenizer.decode([token_id])
 
-    if body.stream and not moderate_output:
+    if body.stream and not whole_first:
         return StreamingResponse(
             stream_events(state, request, choices, envelope, body, total, prompt_tokens,
                           logprobs, token_text, arrived),
@@ -300,15 +309,21 @@ async def _generate(state: ServerState, request: Request, kind: str, body: Sampl
         if logprobs:
             lp = (responses.chat_logprobs(pieces[i], token_text) if kind == "chat"
                   else responses.completion_logprobs(pieces[i], token_text))
-        out.append((text, finals[i].finish_reason, lp))
+        reason, calls = finals[i].finish_reason, None
+        if tools is not None and tools.parses_calls:
+            found = parse_calls(llm.tokenizer, [t for p in pieces[i] for t in p.token_ids], text)
+            calls = [responses.tool_call(c) for c in found] or None
+            if calls and reason == "stop":
+                reason = "tool_calls"
+        out.append((text, reason, lp, calls))
     if moderate_output:
-        verdicts = await _moderate(state, [text for text, _, _ in out], "assistant")
-        out = [(refusal_message(v), "content_filter", None) if v.flagged else choice
+        verdicts = await _moderate(state, [answer[0] for answer in out], "assistant")
+        out = [(refusal_message(v), "content_filter", None, None) if v.flagged else choice
                for v, choice in zip(verdicts, out, strict=True)]
     if kind == "text" and getattr(body, "echo", False):
         texts = await asyncio.to_thread(lambda: [llm.tokenizer.decode(p) for p in prompts])
-        out = [(texts[k // body.n] + text, reason, lp)
-               for k, (text, reason, lp) in enumerate(out)]
+        out = [(texts[k // body.n] + text, reason, lp, calls)
+               for k, (text, reason, lp, calls) in enumerate(out)]
     return reply(envelope, body, out, responses.usage(prompt_tokens, completion_tokens))
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from mistral7b.generate import StreamPiece
+from mistral7b.tools import ToolCall
 
 TokenText = Callable[[int], str]
 
@@ -93,16 +94,29 @@ class Envelope:
 
     def choice(self, index: int, text: str, finish_reason: str | None,
                logprobs: dict[str, Any] | None, *, delta: bool = False,
-               role: bool = False) -> dict[str, Any]:
-        """One choice: a whole message, or (delta=True) the piece a stream chunk adds."""
+               role: bool = False, tool_calls: list[dict[str, Any]] | None = None
+               ) -> dict[str, Any]:
+        """One choice: a whole message, or (delta=True) the piece a stream chunk adds. An
+        answer that is tool calls has them instead of content (content null, as OpenAI)."""
         if self.kind == "text":
             return {"index": index, "text": text, "logprobs": logprobs,
                     "finish_reason": finish_reason}
         if delta:
             message: dict[str, Any] = {"role": "assistant"} if role else {}
-            if text or role:
+            if tool_calls:
+                message["tool_calls"] = [{"index": k, **c} for k, c in enumerate(tool_calls)]
+            elif text or role:
                 message["content"] = text
             return {"index": index, "delta": message, "logprobs": logprobs,
                     "finish_reason": finish_reason}
-        return {"index": index, "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs, "finish_reason": finish_reason}
+        whole: dict[str, Any] = {"role": "assistant", "content": None if tool_calls else text}
+        if tool_calls:
+            whole["tool_calls"] = tool_calls
+        return {"index": index, "message": whole, "logprobs": logprobs,
+                "finish_reason": finish_reason}
+
+
+def tool_call(call: ToolCall) -> dict[str, Any]:
+    """A call in OpenAI's shape."""
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}

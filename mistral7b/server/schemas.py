@@ -39,13 +39,26 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str                      # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     # "developer" is how OpenAI's newer clients send the system prompt; it is the system role.
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     # null (or absent) only in an assistant message: OpenAI allows it there, e.g. next to
     # tool calls; it reads as an empty answer. The routes refuse it elsewhere (as_messages).
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None    # an assistant's calls (tools.py)
+    tool_call_id: str | None = None             # a tool message: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -54,12 +67,17 @@ class ChatMessage(_Body):
             return self.content
         return "".join(part.text for part in self.content)
 
-    def as_message(self) -> dict[str, str]:
+    def as_message(self) -> dict[str, Any]:
         # "developer" stays as sent: the tokenizers resolve role aliases (tokenizer.ROLE_ALIASES)
-        return {"role": self.role, "content": self.text()}
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
-def as_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+def as_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """The conversation as the tokenizers take it; ValueError naming the field of a non-assistant
     message without content."""
     for i, m in enumerate(messages):
@@ -117,9 +135,10 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[int, limits("max_tokens")] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, limits("top_logprobs")] | None = None
-    # Tool calling is not implemented yet: a request with tools is refused by name (app.py).
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    # OpenAI's function tools and "auto" | "none" | "required" | {"type": "function",
+    # "function": {"name": ...}}; checked by tools.check_tools / check_tool_choice.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None \

@@ -26,7 +26,8 @@ from mistral7b.server.middleware import report_usage
 from mistral7b.server.schemas import SamplingFields
 from mistral7b.server.state import ServerState
 
-Answer = tuple[str, str | None, dict[str, Any] | None]    # (text, finish_reason, logprobs)
+# (text, finish_reason, logprobs, tool calls in OpenAI's shape or None)
+Answer = tuple[str, str | None, dict[str, Any] | None, list[dict[str, Any]] | None]
 
 
 class Choices:
@@ -166,7 +167,8 @@ def reply(envelope: responses.Envelope, body: SamplingFields,
     one chunk) when the client asked for a stream but the text had to be complete first."""
     if not body.stream:
         return JSONResponse(envelope.response(
-            [envelope.choice(i, text, reason, lp) for i, (text, reason, lp) in enumerate(out)],
+            [envelope.choice(i, text, reason, lp, tool_calls=calls)
+             for i, (text, reason, lp, calls) in enumerate(out)],
             usage))
 
     def events() -> list[str]:
@@ -175,9 +177,9 @@ def reply(envelope: responses.Envelope, body: SamplingFields,
             chunks.append(sse(envelope.chunk([envelope.choice(i, "", None, None, delta=True,
                                                                role=True)
                                                for i in range(len(out))])))
-        for i, (text, reason, lp) in enumerate(out):
-            chunks.append(sse(envelope.chunk([envelope.choice(i, text, reason, lp,
-                                                               delta=True)])))
+        for i, (text, reason, lp, calls) in enumerate(out):
+            chunks.append(sse(envelope.chunk([envelope.choice(i, text, reason, lp, delta=True,
+                                                               tool_calls=calls)])))
         if body.include_usage():
             chunks.append(sse(envelope.chunk([], usage)))
         chunks.append(sse("[DONE]"))
