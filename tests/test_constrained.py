@@ -196,3 +196,18 @@ def test_tekken_token_bytes() -> None:
     assert all(p.startswith(b"\xff") for p in pieces[:1000])      # the special tokens
     text = "Grüße, 世界 — naïve café"
     assert b"".join(pieces[i] for i in tok.encode(text, bos=False)).decode() == text
+
+
+def test_a_bad_grammar_in_a_batch_leaves_nothing_queued(llm: mistral7b.LLM) -> None:
+    """run_requests compiles each request's grammar as it submits it: when a later one fails,
+    those already submitted are cancelled, not left in the engine's queue."""
+    from mistral7b.engine.engine import run_requests
+
+    engine = llm.engine(max_batch=2)
+    good = SamplingParams(max_tokens=4, response_format={"type": "json_object"})
+    bad = SamplingParams(max_tokens=4, response_format={
+        "type": "json_schema", "json_schema": {"schema": {"type": "objekt"}}})
+    with pytest.raises(InvalidArgumentError, match="objekt"):
+        list(run_requests(engine, [[1, 2], [1, 2]], [good, bad]))
+    engine.run_once()                                # drops what was cancelled
+    assert engine.stats().waiting == 0 and engine.stats().running == 0

@@ -534,10 +534,13 @@ def _outputs(engine: Engine, prompts: Sequence[Sequence[int]], params: Sequence[
     for prompt, p in zip(prompts, params, strict=True):
         check_prompt(engine.model.config, prompt, p.max_tokens, p.logit_bias)
     arrived: queue.Queue[tuple[int, EngineOutput]] = queue.Queue()
-    ids = [engine.submit(prompt, p, functools.partial(_put, arrived, i), score=score)
-           for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))]
-    left = len(ids)
+    ids: list[str] = []
     try:
+        # Inside the try: a submit that fails (e.g. a bad grammar) cancels those before it.
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            ids.append(engine.submit(prompt, p, functools.partial(_put, arrived, i),
+                                     score=score))
+        left = len(ids)
         while left:
             while not engine.started and arrived.empty():
                 engine.run_once()
