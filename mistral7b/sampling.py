@@ -227,9 +227,11 @@ class SamplingParams:
         if self.grammar is not None:
             if not isinstance(self.grammar, str):
                 raise InvalidSamplingParam("grammar must be a string (a Lark grammar)")
-            if fmt is not None:
+            from_grammar = ResponseFormat.lark(self.grammar)
+            # dataclasses.replace() passes back the format made from the grammar: not a second
+            if fmt is not None and fmt != from_grammar:
                 raise InvalidSamplingParam("pass either grammar or response_format, not both")
-            fmt = ResponseFormat.lark(self.grammar)
+            fmt = from_grammar
         object.__setattr__(self, "response_format", fmt)
 
     @staticmethod

@@ -133,6 +133,11 @@ def test_bad_grammars_are_refused() -> None:
     with pytest.raises(InvalidArgumentError, match="not both"):
         SamplingParams(grammar='start: "a"', response_format={"type": "json_object"})
     assert SamplingParams(response_format={"type": "text"}).response_format is None
+    # The format made from a grammar survives dataclasses.replace (as LLM.chat's tools do).
+    from dataclasses import replace
+
+    lark = SamplingParams(grammar='start: "a"')
+    assert replace(lark, temperature=0).response_format == lark.response_format
 
 
 def test_a_model_without_a_tokenizer_cannot_be_constrained(llm: mistral7b.LLM) -> None:
