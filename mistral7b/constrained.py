@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import threading
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -246,10 +245,3 @@ def token_bytes(tokenizer: Any, vocab_size: int) -> list[bytes]:
                 out.append(piece.replace("\u2581", " ").encode())
     return out + [b""] * max(0, vocab_size - len(out))
 
-
-def fill_masks(constraints: Sequence[Constraint], vocab_size: int) -> torch.Tensor:
-    """(len(constraints), words) int32 bitmasks of the tokens each may take next."""
-    masks = torch.empty(len(constraints), Constraint.mask_words(vocab_size), dtype=torch.int32)
-    for i, constraint in enumerate(constraints):
-        constraint.fill(masks[i])
-    return masks

@@ -18,7 +18,6 @@ from mistral7b.constrained import (
     ResponseFormat,
     _ByteVocabulary,
     allowed_tokens,
-    fill_masks,
     lltokenizer,
     token_bytes,
 )
@@ -161,7 +160,9 @@ def test_masks_equal_the_matchers_own_answers(llm: mistral7b.LLM, tokenizer: str
     tokens = lltokenizer(tok, vocab).tokenize_str(document)
     assert b"".join(token_bytes_of(tok, vocab, tokens)) == document.encode()
     for token in [*tokens[:12], None]:
-        allowed = allowed_tokens(fill_masks([constraint], vocab), vocab)[0]
+        bits = torch.empty(1, Constraint.mask_words(vocab), dtype=torch.int32)
+        constraint.fill(bits[0])
+        allowed = allowed_tokens(bits, vocab)[0]
         bias = torch.frombuffer(bytearray(reference.compute_logit_bias()), dtype=torch.uint8)
         assert torch.equal(allowed, bias[:vocab] > 0)
         for t in allowed.nonzero()[:300, 0].tolist():
