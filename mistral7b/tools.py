@@ -206,7 +206,9 @@ class ToolPlan:
 
     @property
     def parses_calls(self) -> bool:
-        return self.choice != "none"
+        """Whether the answer may hold calls: the prompt showed the tools and tool_choice is
+        not "none" (a generic format's "auto" shows none, so its answer is text)."""
+        return self.shown is not None and self.choice != "none"
 
     def sampling(self, params: SamplingParams) -> SamplingParams:
         if self.grammar is not None:

@@ -290,8 +290,8 @@ def test_tool_calls_through_the_openai_client(srv: Running) -> None:
     assert [(p["name"], p["arguments"]) for _, p in sorted(parts.items())] == \
         [(c.function.name, c.function.arguments) for c in calls]
     follow = [*ask, {"role": "assistant", "content": None,
-                     "tool_calls": [c.model_dump() for c in calls[:1]]},
-              {"role": "tool", "tool_call_id": calls[0].id, "content": '{"temp": 21}'}]
+                     "tool_calls": [{**calls[0].model_dump(), "id": "call_1"}]},  # fixed:
+              {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}]  # ids vary
     reply = client.chat.completions.create(model=MODEL, messages=follow,  # type: ignore
                                            tools=[WEATHER_TOOL], temperature=0, max_tokens=20)
     assert reply.choices[0].message.content and not reply.choices[0].message.tool_calls

@@ -120,13 +120,14 @@ def test_a_tool_result_is_answered_in_text(llm: mistral7b.LLM) -> None:
     call = llm.chat(ASK, tools=TOOLS, tool_choice="required", temperature=0,
                     max_tokens=200).tool_calls
     assert call
+    # A fixed id: the call's own id is random, and the prompt (so the answer) would vary.
     follow = [*ASK,
               {"role": "assistant", "content": None, "tool_calls": [
-                  {"id": call[0].id, "type": "function",
+                  {"id": "call_1", "type": "function",
                    "function": {"name": call[0].name, "arguments": call[0].arguments}}]},
-              {"role": "tool", "tool_call_id": call[0].id, "content": '{"temp": 21}'}]
+              {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}]
     prompt = llm.tokenizer.decode(llm.tokenizer.encode_chat(follow))
-    assert call[0].id in prompt and '{"temp": 21}' in prompt
+    assert "call_1" in prompt and '{"temp": 21}' in prompt
     answer = llm.chat(follow, tools=TOOLS, temperature=0, max_tokens=30)
     assert answer.text and answer.tool_calls is None
 
