@@ -109,10 +109,13 @@ class BatchSampler:
         processed = self._processed(rows, params, raw)
         if masks is not None:
             index, bits = masks
-            chosen = to_device(list(index), device)
-            allowed = allowed_tokens(upload(bits, device), V)
-            processed = processed.index_put(
-                (chosen,), processed[chosen].masked_fill(~allowed, float("-inf")))
+            forbidden = ~allowed_tokens(upload(bits, device), V)
+            if len(index) == len(rows):               # every row: no gather and scatter
+                processed = processed.masked_fill(forbidden, float("-inf"))
+            else:
+                chosen = to_device(list(index), device)
+                processed = processed.index_put(
+                    (chosen,), processed[chosen].masked_fill(forbidden, float("-inf")))
 
         sampled = [b for b, p in enumerate(params) if not p.greedy]
         if not sampled:

@@ -28,6 +28,17 @@ _MIN_JINJA = (3, 1, 6)
 
 # --- Jinja chat templates ---------------------------------------------------------------------
 
+def _hf_message(m: Message) -> Message:
+    """A copy of a message as Hugging Face chat templates read it: calls with `function` and
+    their arguments as an object."""
+    if not m.get("tool_calls"):
+        return dict(m)
+    calls = [{"id": c["id"], "type": "function",
+              "function": {"name": c["name"], "arguments": json.loads(c["arguments"] or "{}")}}
+             for c in m["tool_calls"]]
+    return {**m, "tool_calls": calls}
+
+
 def render_chat_template(template: str, messages: Sequence[Message], *, bos_token: str | None,
                          eos_token: str | None, add_generation_prompt: bool = True,
                          **extra: Any) -> str:
@@ -35,7 +46,9 @@ def render_chat_template(template: str, messages: Sequence[Message], *, bos_toke
 
     The template sees `messages`, `bos_token`, `eos_token` (undefined when None),
     `add_generation_prompt`, and `extra` (`tools` and `documents` are None unless given, as in
-    transformers, so that templates testing `tools is not none` behave the same).
+    transformers, so that templates testing `tools is not none` behave the same). Tool calls
+    in the messages are in Hugging Face's shape: `function` with `name` and `arguments` as an
+    object.
 
     Raises InvalidArgumentError when the template rejects the conversation with
     `raise_exception`, TokenizerError when the template itself is broken or reaches for Python
@@ -46,7 +59,8 @@ def render_chat_template(template: str, messages: Sequence[Message], *, bos_toke
     from jinja2.exceptions import SecurityError, TemplateError
 
     context: dict[str, Any] = {"tools": None, "documents": None, **extra}
-    context["messages"] = [dict(m) for m in messages]  # the caller's dicts stay out of reach
+    context["messages"] = [_hf_message(m) for m in messages]  # copies: the caller's dicts
+    #                                                           stay out of reach
     context["add_generation_prompt"] = add_generation_prompt
     # A token the tokenizer does not have stays undefined (renders as ""), as in transformers,
     # rather than rendering as "None".

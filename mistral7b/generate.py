@@ -33,7 +33,8 @@ class StreamPiece:
     token_ids: list[int]                    # tokens generated at this step (empty at the end)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-    finish_reason: str | None = None        # "stop" | "length" on the last piece
+    finish_reason: str | None = None        # "stop" | "length" | "tool_calls" on the last piece
+    tool_calls: list[ToolCall] | None = None  # stream_chat(tools=...): on the last piece
 
 
 @dataclass

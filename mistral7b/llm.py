@@ -30,7 +30,7 @@ from mistral7b.quant.hugepages import move_packed_weights
 from mistral7b.quant.repack import repack_linears
 from mistral7b.sampling import SamplingParams
 from mistral7b.tokenizer import Message, MissingTokenizer, Tokenizer
-from mistral7b.tools import parse_calls, plan_tools
+from mistral7b.tools import CallStream, plan_tools, split_answer
 
 Prompt = str | Sequence[int]
 
@@ -152,23 +152,43 @@ class LLM:
                                  **sampling)
         plan = plan_tools(self.tokenizer, list(tools), tool_choice)
         prompt = self._chat_prompt(messages, safe_prompt, plan.shown)
-        params = plan.sampling(_params(params, sampling))
-        result = self.generate(prompt, params, chunk_size)
-        if plan.parses_calls:
-            calls = parse_calls(self.tokenizer, result.token_ids, result.text)
-            if calls:
-                result.tool_calls = calls
-                if result.finish_reason == "stop":
-                    result.finish_reason = "tool_calls"
+        result = self.generate(prompt, plan.sampling(_params(params, sampling)), chunk_size)
+        calls = split_answer(self.tokenizer, plan, result.token_ids, result.text)[1]
+        if calls:
+            result.tool_calls = calls
+            if result.finish_reason == "stop":
+                result.finish_reason = "tool_calls"
         return result
 
     def stream_chat(self, messages: Sequence[Message], params: SamplingParams | None = None,
                     chunk_size: int | None = None, safe_prompt: bool = False,
+                    tools: Sequence[dict[str, Any]] | None = None, tool_choice: Any = None,
                     **sampling: Any) -> Iterator[StreamPiece]:
         """`chat`, streamed: yields pieces of the answer as they are generated (see
-        stream_generate)."""
-        return self.stream_generate(self._chat_prompt(messages, safe_prompt), params,
-                                    chunk_size, **sampling)
+        stream_generate). With tools, text streams as it comes and the calls arrive on the last
+        piece (`piece.tool_calls`, finish_reason "tool_calls"); the text of calls is not shown
+        (tools.CallStream)."""
+        if tools is None:
+            if tool_choice is not None:
+                raise InvalidArgumentError("tool_choice: needs tools")
+            yield from self.stream_generate(self._chat_prompt(messages, safe_prompt), params,
+                                            chunk_size, **sampling)
+            return
+        plan = plan_tools(self.tokenizer, list(tools), tool_choice)
+        prompt = self._chat_prompt(messages, safe_prompt, plan.shown)
+        split = CallStream(self.tokenizer, plan)
+        for piece in self.stream_generate(prompt, plan.sampling(_params(params, sampling)),
+                                          chunk_size):
+            text = split.feed(piece.token_ids, piece.text)
+            if piece.finish_reason is not None:
+                rest, calls = split.finish()
+                text += rest
+                if calls:
+                    piece.tool_calls = calls
+                    if piece.finish_reason == "stop":
+                        piece.finish_reason = "tool_calls"
+            piece.text = text
+            yield piece
 
     def _chat_prompt(self, messages: Sequence[Message], safe_prompt: bool,
                      tools: Sequence[dict[str, Any]] | None = None) -> list[int]:

@@ -234,7 +234,7 @@ class BackendTokenizer:
         with_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls")
                                         for m in messages)
         if with_tools and tool_format(self) == "jinja" and self.chat_template is not None:
-            text = render_chat_template(self.chat_template, [_hf_message(m) for m in messages],
+            text = render_chat_template(self.chat_template, messages,
                                         bos_token=self.bos_token, eos_token=self.eos_token,
                                         add_generation_prompt=True, tools=list(tools or []) or None)
             return self.encode(text, bos=False)
@@ -250,17 +250,6 @@ class BackendTokenizer:
                                     eos_token=self.eos_token, add_generation_prompt=True)
         # The template writes special tokens (BOS included) as text; encode adds none.
         return self.encode(text, bos=False)
-
-
-def _hf_message(m: Message) -> Message:
-    """A message as Hugging Face chat templates read it: calls with `function` and their
-    arguments as an object."""
-    if not m.get("tool_calls"):
-        return m
-    calls = [{"id": c["id"], "type": "function",
-              "function": {"name": c["name"], "arguments": json.loads(c["arguments"] or "{}")}}
-             for c in m["tool_calls"]]
-    return {**m, "tool_calls": calls}
 
 
 def hf_tokenizer(directory: Path) -> BackendTokenizer:

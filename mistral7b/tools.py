@@ -33,11 +33,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from mistral7b.constrained import ResponseFormat
+from mistral7b.constrained import JSON_OPTIONS, ResponseFormat
 from mistral7b.errors import InvalidArgumentError
 from mistral7b.sampling import SamplingParams
 
 Format = Literal["mistral", "jinja", "generic"]
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"      # a Jinja template's call blocks
 _ID_CHARS = string.ascii_letters + string.digits
 
 
@@ -134,17 +135,27 @@ def tool_format(tokenizer: Any) -> Format:
 MAX_PARALLEL_CALLS = 4
 
 
-def calls_schema(tools: Sequence[dict[str, Any]], choice: str) -> dict[str, Any]:
-    """The JSON schema of a non-empty array of calls to `tools`, at most MAX_PARALLEL_CALLS
-    (only `choice` when it names one, and then exactly one call)."""
+def _named(choice: str) -> bool:
+    return choice not in ("auto", "required", "none")
+
+
+def call_schema(tools: Sequence[dict[str, Any]], choice: str) -> dict[str, Any]:
+    """The JSON schema of one call, {"name": ..., "arguments": {...}}, to one of `tools` (only
+    `choice` when it names one)."""
     allowed = [t["function"] for t in tools
-               if choice in ("auto", "required") or t["function"]["name"] == choice]
+               if not _named(choice) or t["function"]["name"] == choice]
     calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
               "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]}}
              for f in allowed]
-    named = choice not in ("auto", "required")
-    return {"type": "array", "minItems": 1, "maxItems": 1 if named else MAX_PARALLEL_CALLS,
-            "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+def calls_schema(tools: Sequence[dict[str, Any]], choice: str) -> dict[str, Any]:
+    """The JSON schema of a non-empty array of calls to `tools`, at most MAX_PARALLEL_CALLS
+    (only `choice` when it names one, and then exactly one call)."""
+    return {"type": "array", "minItems": 1,
+            "maxItems": 1 if _named(choice) else MAX_PARALLEL_CALLS,
+            "items": call_schema(tools, choice)}
 
 
 def tool_calls_token(tokenizer: Any) -> int:
@@ -155,14 +166,26 @@ def tool_calls_token(tokenizer: Any) -> int:
 
 def answer_format(tokenizer: Any, tools: Sequence[dict[str, Any]], choice: str
                   ) -> ResponseFormat | None:
-    """The grammar that makes the answer valid calls, for "required" or a named function."""
+    """The grammar that makes the answer valid calls in the format's own shape, for "required"
+    or a named function: Mistral's `[TOOL_CALLS]` + a JSON array, a Jinja template's
+    `<tool_call>` blocks, or (generic) a JSON array."""
     if choice in ("auto", "none"):
         return None
-    schema = json.dumps(calls_schema(tools, choice))
-    if tool_format(tokenizer) == "mistral":
+    kind = tool_format(tokenizer)
+    if kind == "generic":
+        return ResponseFormat.json_schema(calls_schema(tools, choice), origin="tools")
+    # Lark's %json takes llguidance's options inside the schema: bounded whitespace, as in
+    # JSON mode.
+    if kind == "mistral":
+        array = json.dumps({**calls_schema(tools, choice), "x-guidance": JSON_OPTIONS})
         return ResponseFormat.lark(f"start: <[{tool_calls_token(tokenizer)}]> calls\n"
-                                   f"calls: %json {schema}", origin="tools")
-    return ResponseFormat.json_schema(schema, origin="tools")
+                                   f"calls: %json {array}", origin="tools")
+    one = json.dumps({**call_schema(tools, choice), "x-guidance": JSON_OPTIONS})
+    opening, closing = json.dumps(CALL_OPEN + "\n"), json.dumps("\n" + CALL_CLOSE)
+    newline = json.dumps("\n")
+    more = "" if _named(choice) else f" ({newline} call){{0,{MAX_PARALLEL_CALLS - 1}}}"
+    return ResponseFormat.lark(f"start: call{more}\ncall: {opening} %json {one} {closing}",
+                               origin="tools")
 
 
 def generic_messages(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None
@@ -246,7 +269,7 @@ def parse_calls(tokenizer: Any, token_ids: Sequence[int], text: str) -> list[Too
         backend = getattr(tokenizer, "backend", None)
         full = (backend.decode(list(token_ids), skip_special_tokens=False)
                 if backend is not None else text)
-        blocks = re.findall(r"<tool_call>\s*(.*?)\s*</tool_call>", full, flags=re.S)
+        blocks = re.findall(rf"{CALL_OPEN}\s*(.*?)\s*{CALL_CLOSE}", full, flags=re.S)
         if blocks:
             return [c for block in blocks for c in _calls_from_json(block)]
     return _calls_from_json(text) if text.lstrip().startswith("[") else []
@@ -267,3 +290,77 @@ def _calls_from_json(text: str) -> list[ToolCall]:
         if not any(c.name == item["name"] and c.arguments == text for c in calls):
             calls.append(ToolCall(new_call_id(), item["name"], text))
     return calls
+
+
+class CallStream:
+    """An answer read piece by piece, split into the text to show now and the calls found when
+    it ends, so that answers with tools stream token by token:
+
+        forced calls ("required", named)   nothing is text: the calls come at the end
+        Mistral's format, "auto"           the first token decides: [TOOL_CALLS] starts calls,
+                                           anything else makes the answer text, shown as it comes
+        a Jinja template, "auto"           text is shown until a `<tool_call>` block starts (the
+                                           last few characters are held back while they could
+                                           be its start); from there on the answer is calls
+        no tools shown, or "none"          all text
+
+    If what was held as calls does not parse (an answer cut by max_tokens), it is shown as
+    text at the end."""
+
+    def __init__(self, tokenizer: Any, plan: ToolPlan) -> None:
+        self.tokenizer = tokenizer
+        self.kind = tool_format(tokenizer)
+        self.state = ("text" if not plan.parses_calls else
+                      "calls" if plan.grammar is not None else "watch")
+        self.ids: list[int] = []
+        self.text = ""
+        self.shown = 0                     # characters of self.text already handed out
+        lookup = getattr(getattr(tokenizer, "backend", None), "token_to_id", None)
+        self.opener_id: int | None = lookup(CALL_OPEN) if lookup is not None else None
+
+    def feed(self, token_ids: Sequence[int], text: str) -> str:
+        """Take one piece of the answer; the text to show now."""
+        before = len(self.text)
+        self.ids.extend(token_ids)
+        self.text += text
+        if self.state == "watch":
+            if self.kind == "mistral" and self.ids:
+                self.state = "calls" if self.ids[0] == tool_calls_token(self.tokenizer) \
+                    else "text"
+            elif self.kind == "jinja":
+                return self._watch_for_blocks(token_ids, before)
+        if self.state == "text":
+            return self._show(len(self.text))
+        return ""
+
+    def _watch_for_blocks(self, token_ids: Sequence[int], before: int) -> str:
+        if self.opener_id is not None and self.opener_id in token_ids:
+            self.state = "calls"           # a special token, which decoded text leaves out
+            return self._show(before)
+        at = self.text.find(CALL_OPEN, self.shown)
+        if at >= 0:
+            self.state = "calls"
+            return self._show(at)
+        held = next((n for n in range(len(CALL_OPEN) - 1, 0, -1)
+                     if self.text.endswith(CALL_OPEN[:n])), 0)
+        return self._show(len(self.text) - held)
+
+    def _show(self, end: int) -> str:
+        out = self.text[self.shown:max(end, self.shown)]
+        self.shown = max(end, self.shown)
+        return out
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """At the end of the answer: the text still to show, and the calls."""
+        calls = [] if self.state == "text" else parse_calls(self.tokenizer, self.ids,
+                                                            self.text)
+        return ("" if calls else self._show(len(self.text))), calls
+
+
+def split_answer(tokenizer: Any, plan: ToolPlan, token_ids: Sequence[int], text: str
+                 ) -> tuple[str, list[ToolCall]]:
+    """A whole answer's text (what is not calls) and calls, as CallStream reads them."""
+    stream = CallStream(tokenizer, plan)
+    shown = stream.feed(token_ids, text)
+    rest, calls = stream.finish()
+    return shown + rest, calls

@@ -54,22 +54,25 @@ def mistral_common_tokenizer(name: str) -> MistralCommonTokenizer:
     return MistralCommonTokenizer(Path(os.path.dirname(mistral_common.__file__)) / "data" / name)
 
 
-def sampled_answers(llm: mistral7b.LLM, fmt: ResponseFormat, max_tokens: int, seeds: int = 20
-                    ) -> list[tuple[str, str | None]]:
-    prompt = llm.tokenizer.encode_chat(ASK)
+def sampled_answers(llm: mistral7b.LLM, fmt: ResponseFormat, max_tokens: int, seeds: int = 20,
+                    ask: list[dict[str, str]] = ASK) -> list[tuple[str, str | None]]:
+    prompt = llm.tokenizer.encode_chat(ask)
     params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=s,
                              response_format=fmt) for s in range(seeds)]
     return [(r.text, r.finish_reason) for r in llm.generate_batch([prompt] * seeds, params)]
 
 
 def test_json_mode_answers_parse(llm: mistral7b.LLM) -> None:
-    """Every complete answer parses. JSON mode bounds nothing, so at temperature 1.0 the 135M
-    model writes an endless object for a few seeds: those stop at max_tokens ("length")."""
-    answers = sampled_answers(llm, ResponseFormat.json_object(), max_tokens=160)
-    complete = [text for text, reason in answers if reason == "stop"]
-    for text in complete:
+    """All 20 sampled answers end and parse when the prompt says what the object holds (as
+    OpenAI's docs ask of JSON mode). JSON mode itself bounds nothing: asked only for "a JSON
+    object", the 135M model at temperature 1.0 writes an endless one for a few seeds."""
+    ask = [{"role": "user", "content": "Describe a cat as a JSON object with the keys name, "
+                                       "age and color."}]
+    answers = sampled_answers(llm, ResponseFormat.json_object(), max_tokens=400, ask=ask)
+    assert all(reason == "stop" for _, reason in answers), answers
+    for text, _ in answers:
         assert isinstance(json.loads(text), dict), text
-    assert len(complete) >= 12, answers
+    assert len({text for text, _ in answers}) > 10
 
 
 def test_json_schema_answers_always_validate(llm: mistral7b.LLM) -> None:

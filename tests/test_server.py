@@ -295,6 +295,11 @@ def test_tool_calls_through_the_openai_client(srv: Running) -> None:
     reply = client.chat.completions.create(model=MODEL, messages=follow,  # type: ignore
                                            tools=[WEATHER_TOOL], temperature=0, max_tokens=20)
     assert reply.choices[0].message.content and not reply.choices[0].message.tool_calls
+    # With tools, a text answer still streams token by token.
+    chunks = [c.choices[0].delta.content for c in client.chat.completions.create(
+        model=MODEL, messages=follow, tools=[WEATHER_TOOL], temperature=0,  # type: ignore
+        max_tokens=20, stream=True) if c.choices and c.choices[0].delta.content]
+    assert len(chunks) > 3 and "".join(chunks) == reply.choices[0].message.content
 
 
 def test_langchain_structured_output_and_bind_tools(srv: Running) -> None:
@@ -449,19 +454,19 @@ def test_sigterm_drains_running_requests_and_exits_0(tmp_path: object) -> None:
                 return False
 
         assert wait_until(healthy, 120), "server did not become healthy"
-        body = {"prompt": "Count:", "max_tokens": 16, "ignore_eos": True, "stream": True}
-        texts: list[str] = []
-        finish = None
+        # Counted in `usage`, not in chunks: a sampled token may add no text (and no chunk).
+        body = {"prompt": "Count:", "max_tokens": 16, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        chunks: list[dict] = []
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
                 if not line.startswith("data: {"):
                     continue
-                chunk = json.loads(line[6:])
-                if not texts:
+                if not chunks:
                     proc.send_signal(signal.SIGTERM)        # mid-stream
-                texts.append(chunk["choices"][0]["text"])
-                finish = chunk["choices"][0]["finish_reason"] or finish
-        assert finish == "length" and len(texts) == 16
+                chunks.append(json.loads(line[6:]))
+        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+        assert finish[-1] == "length" and chunks[-1]["usage"]["completion_tokens"] == 16
         assert proc.wait(timeout=120) == 0
         assert "shutting down" in (proc.stderr.read() if proc.stderr else "")
     finally:

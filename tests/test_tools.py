@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -14,7 +15,14 @@ import pytest
 import mistral7b
 from mistral7b.errors import InvalidArgumentError
 from mistral7b.tokenizer import MistralCommonTokenizer
-from mistral7b.tools import mistral_call_id, tool_calls_token, tool_format
+from mistral7b.tools import (
+    CallStream,
+    check_tools,
+    mistral_call_id,
+    plan_tools,
+    tool_calls_token,
+    tool_format,
+)
 from tests.conftest import make_hf_mistral, save_native
 
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city"],
@@ -28,6 +36,13 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
                                            "description": "Add two integers"}}]
 SCHEMAS = {"get_weather": WEATHER, "add": ADD}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+CALLED = [*ASK,                                      # ... a call, and its result
+          {"role": "assistant", "content": None, "tool_calls": [
+              {"id": "call_1", "type": "function",
+               "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+          {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}]
+# A ChatML template with tools in the Hermes/Qwen convention (<tool_call> blocks).
+CHATML_TOOLS = (Path(__file__).parent / "data" / "chatml_tools.jinja").read_text()
 
 
 def data_file(name: str) -> Path:
@@ -49,6 +64,14 @@ def mistral_v3(tmp_path_factory: pytest.TempPathFactory) -> mistral7b.LLM:
     shutil.copy(data_file("mistral_instruct_tokenizer_240323.model.v3"),
                 directory / "tokenizer.model.v3")
     return mistral7b.load(directory, progress=False)
+
+
+@pytest.fixture(scope="module")
+def chatml() -> mistral7b.LLM:
+    """The default model with a chat template that reads `tools`: the Jinja format."""
+    model = mistral7b.load(progress=False)
+    model.tokenizer.chat_template = CHATML_TOOLS  # type: ignore[attr-defined]
+    return model
 
 
 def assert_valid_calls(result: mistral7b.GenerationResult, names: set[str]) -> None:
@@ -170,3 +193,99 @@ def test_bad_tool_messages_are_refused(llm: mistral7b.LLM) -> None:
     with pytest.raises(InvalidArgumentError, match="cannot be combined"):
         llm.chat(ASK, tools=TOOLS, tool_choice="required",
                  response_format={"type": "json_object"})
+
+
+# ---- a Jinja template that reads `tools` ----------------------------------------------------
+
+
+def test_a_jinja_tool_template_renders_as_transformers_renders_it(chatml: mistral7b.LLM
+                                                                  ) -> None:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    tokenizer: Any = chatml.tokenizer
+    assert tool_format(tokenizer) == "jinja"
+    spec = check_tools(TOOLS)
+    hf_messages = [*CALLED[:1],                  # Hugging Face's shape: arguments as an object
+                   {**CALLED[1], "tool_calls": [{**CALLED[1]["tool_calls"][0], "function": {
+                       "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                   CALLED[2]]
+    result: Any = render_jinja_template(
+        conversations=[hf_messages], tools=spec, chat_template=CHATML_TOOLS,
+        add_generation_prompt=True, bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token)
+    expected = result[0][0]
+    assert "<tools>\n" in expected and '"arguments": {"city": "Paris"}' in expected
+    assert tokenizer.encode_chat(CALLED, spec) == tokenizer.encode(expected, bos=False)
+
+
+def test_forced_calls_come_in_the_templates_tool_call_blocks(chatml: mistral7b.LLM) -> None:
+    for seed in range(4):
+        result = chatml.chat(ASK, tools=TOOLS, tool_choice="required", temperature=1.0,
+                             seed=seed, max_tokens=200)
+        assert result.text.startswith("<tool_call>\n"), result.text
+        assert_valid_calls(result, {"get_weather", "add"})
+    named = chatml.chat(ASK, tools=TOOLS, temperature=0, max_tokens=100,
+                        tool_choice={"type": "function", "function": {"name": "add"}})
+    assert_valid_calls(named, {"add"})
+    assert len(named.tool_calls or []) == 1 and named.text.count("<tool_call>") == 1
+
+
+@pytest.mark.parametrize("choice", ["auto", "required"])
+def test_a_streamed_answer_with_tools_equals_the_whole_one(chatml: mistral7b.LLM,
+                                                           choice: str) -> None:
+    """Text streams token by token; calls come whole on the last piece."""
+    whole = chatml.chat(CALLED if choice == "auto" else ASK, tools=TOOLS, tool_choice=choice,
+                        temperature=0, max_tokens=60)
+    pieces = list(chatml.stream_chat(CALLED if choice == "auto" else ASK, tools=TOOLS,
+                                     tool_choice=choice, temperature=0, max_tokens=60))
+    last = pieces[-1]
+    assert last.finish_reason == whole.finish_reason
+    assert [(c.name, c.arguments) for c in last.tool_calls or []] == \
+        [(c.name, c.arguments) for c in whole.tool_calls or []]
+    shown = [p.text for p in pieces if p.text]
+    if choice == "auto":                       # the follow-up is answered in text
+        assert whole.tool_calls is None and "".join(shown) == whole.text and len(shown) > 5
+    else:
+        assert whole.tool_calls and shown == []
+
+
+def feed(stream: CallStream, tokenizer: Any, parts: list[str]) -> list[str]:
+    return [stream.feed(tokenizer.encode(part, bos=False), part) for part in parts]
+
+
+def test_text_is_shown_until_a_tool_call_block_starts(chatml: mistral7b.LLM) -> None:
+    tokenizer: Any = chatml.tokenizer
+    stream = CallStream(tokenizer, plan_tools(tokenizer, TOOLS, "auto"))
+    parts = ["Let me ", "check. <tool", '_call>\n{"name": "add", ',
+             '"arguments": {"a": 1, "b": 2}}\n</tool_call>']
+    assert feed(stream, tokenizer, parts) == ["Let me ", "check. ", "", ""]
+    rest, calls = stream.finish()
+    assert rest == "" and [(c.name, json.loads(c.arguments)) for c in calls] == \
+        [("add", {"a": 1, "b": 2})]
+    # "<" that starts no block is held only until it is known not to.
+    stream = CallStream(tokenizer, plan_tools(tokenizer, TOOLS, "auto"))
+    assert feed(stream, tokenizer, ["1 <", " 2"]) == ["1 ", "< 2"]
+    assert stream.finish() == ("", [])
+
+
+def test_a_call_that_does_not_parse_is_shown_as_text(chatml: mistral7b.LLM) -> None:
+    tokenizer: Any = chatml.tokenizer
+    stream = CallStream(tokenizer, plan_tools(tokenizer, TOOLS, "required"))
+    cut = '<tool_call>\n{"name": "add", "argu'          # max_tokens came first
+    assert feed(stream, tokenizer, [cut]) == [""]
+    assert stream.finish() == (cut, [])
+
+
+def test_mistral_format_streams_text_unless_the_first_token_is_tool_calls(
+        mistral_v3: mistral7b.LLM) -> None:
+    tokenizer: Any = mistral_v3.tokenizer
+    plan = plan_tools(tokenizer, TOOLS, "auto")
+    text = CallStream(tokenizer, plan)
+    assert feed(text, tokenizer, ["It is", " sunny."]) == ["It is", " sunny."]
+    assert text.finish() == ("", [])
+    calls = CallStream(tokenizer, plan)
+    array = '[{"name": "add", "arguments": {"a": 1, "b": 2}}]'
+    assert calls.feed([tool_calls_token(tokenizer)], "") == ""
+    assert calls.feed(tokenizer.encode(array, bos=False), array) == ""
+    rest, found = calls.finish()
+    assert rest == "" and [(c.name, c.arguments) for c in found] == [("add", '{"a": 1, "b": 2}')]

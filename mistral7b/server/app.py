@@ -44,7 +44,7 @@ from mistral7b.server.schemas import (
 )
 from mistral7b.server.state import ServerState, ready
 from mistral7b.server.streaming import Answer, Choices, collect, reply, stream_events
-from mistral7b.tools import ToolPlan, parse_calls, plan_tools
+from mistral7b.tools import CallStream, ToolPlan, plan_tools, split_answer
 
 log = logging.getLogger("mistral7b")
 
@@ -275,8 +275,6 @@ async def _generate(state: ServerState, request: Request, kind: str, body: Sampl
                 for prompt in prompts for j in range(body.n)]
     if tools is not None:
         requests = [(prompt, tools.sampling(params)) for prompt, params in requests]
-    # Calls are known once an answer is whole: such streams are replayed from the whole answer.
-    whole_first = moderate_output or (tools is not None and tools.parses_calls)
     choices = Choices(engine)
     choices.submit(requests)
     envelope = responses.Envelope(kind, body.model or state.model_name)
@@ -284,10 +282,14 @@ async def _generate(state: ServerState, request: Request, kind: str, body: Sampl
     def token_text(token_id: int) -> str:
         return llm.tokenizer.decode([token_id])
 
-    if body.stream and not whole_first:
+    def splitter() -> CallStream | None:
+        return CallStream(llm.tokenizer, tools) if tools is not None else None
+
+    # A moderated answer is judged whole first: such streams are replayed from it.
+    if body.stream and not moderate_output:
         return StreamingResponse(
             stream_events(state, request, choices, envelope, body, total, prompt_tokens,
-                          logprobs, token_text, arrived),
+                          logprobs, token_text, arrived, splitter),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -303,21 +305,23 @@ async def _generate(state: ServerState, request: Request, kind: str, body: Sampl
                                   completion_tokens)
     report_usage(request, prompt_tokens, completion_tokens)
     out: list[Answer] = []
+    whole = ["".join(p.text for p in pieces[i]) for i in range(total)]   # calls included
     for i in range(total):
-        text = "".join(p.text for p in pieces[i])
+        text = whole[i]
         lp: dict[str, Any] | None = None
         if logprobs:
             lp = (responses.chat_logprobs(pieces[i], token_text) if kind == "chat"
                   else responses.completion_logprobs(pieces[i], token_text))
         reason, calls = finals[i].finish_reason, None
-        if tools is not None and tools.parses_calls:
-            found = parse_calls(llm.tokenizer, [t for p in pieces[i] for t in p.token_ids], text)
+        if tools is not None:
+            text, found = split_answer(llm.tokenizer, tools,
+                                       [t for p in pieces[i] for t in p.token_ids], text)
             calls = [responses.tool_call(c) for c in found] or None
             if calls and reason == "stop":
                 reason = "tool_calls"
         out.append((text, reason, lp, calls))
     if moderate_output:
-        verdicts = await _moderate(state, [answer[0] for answer in out], "assistant")
+        verdicts = await _moderate(state, whole, "assistant")
         out = [(refusal_message(v), "content_filter", None, None) if v.flagged else choice
                for v, choice in zip(verdicts, out, strict=True)]
     if kind == "text" and getattr(body, "echo", False):

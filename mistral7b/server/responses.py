@@ -97,7 +97,8 @@ class Envelope:
                role: bool = False, tool_calls: list[dict[str, Any]] | None = None
                ) -> dict[str, Any]:
         """One choice: a whole message, or (delta=True) the piece a stream chunk adds. An
-        answer that is tool calls has them instead of content (content null, as OpenAI)."""
+        answer with tool calls has them beside its text (content null when there is none, as
+        OpenAI); a stream chunk carries either text or calls."""
         if self.kind == "text":
             return {"index": index, "text": text, "logprobs": logprobs,
                     "finish_reason": finish_reason}
@@ -109,7 +110,8 @@ class Envelope:
                 message["content"] = text
             return {"index": index, "delta": message, "logprobs": logprobs,
                     "finish_reason": finish_reason}
-        whole: dict[str, Any] = {"role": "assistant", "content": None if tool_calls else text}
+        whole: dict[str, Any] = {"role": "assistant",
+                                 "content": (text or None) if tool_calls else text}
         if tool_calls:
             whole["tool_calls"] = tool_calls
         return {"index": index, "message": whole, "logprobs": logprobs,

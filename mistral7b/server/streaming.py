@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
@@ -25,6 +25,7 @@ from mistral7b.server import responses
 from mistral7b.server.middleware import report_usage
 from mistral7b.server.schemas import SamplingFields
 from mistral7b.server.state import ServerState
+from mistral7b.tools import CallStream
 
 # (text, finish_reason, logprobs, tool calls in OpenAI's shape or None)
 Answer = tuple[str, str | None, dict[str, Any] | None, list[dict[str, Any]] | None]
@@ -103,8 +104,12 @@ async def collect(state: ServerState, request: Request, choices: Choices, n: int
 async def stream_events(state: ServerState, request: Request, choices: Choices,
                   envelope: responses.Envelope, body: SamplingFields, total: int,
                   prompt_tokens: int, logprobs: bool, token_text: responses.TokenText,
-                  arrived: float) -> AsyncIterator[str]:
-    """Server-sent events of `total` choices as the engine produces them."""
+                  arrived: float, splitter: Callable[[], CallStream | None] = lambda: None
+                  ) -> AsyncIterator[str]:
+    """Server-sent events of `total` choices as the engine produces them. With tools, each
+    choice's text streams as it comes and its calls follow as tool-call deltas once they are
+    whole (`splitter` makes each choice's tools.CallStream)."""
+    splits = {i: splitter() for i in range(total)}
     completion_tokens = 0
     first_token: float | None = None
     last_sent = time.monotonic()
@@ -139,14 +144,31 @@ async def stream_events(state: ServerState, request: Request, choices: Choices,
             if piece is None:
                 continue
             first_token = first_token or time.monotonic()
+            text, reason, calls = piece.text, out.finish_reason, None
+            split = splits[index]
+            if split is not None:
+                text = split.feed(piece.token_ids, piece.text)
+                if out.finished:
+                    rest, found = split.finish()
+                    text += rest
+                    calls = [responses.tool_call(c) for c in found] or None
+                    if calls and reason == "stop":
+                        reason = "tool_calls"
             lp: dict[str, Any] | None = None
             if logprobs and piece.token_ids:
                 lp = (responses.chat_logprobs([piece], token_text) if envelope.kind == "chat"
                       else responses.completion_logprobs([piece], token_text, offsets[index]))
             offsets[index] += len(piece.text)
-            if piece.text or lp or out.finished:
-                yield sse(envelope.chunk([envelope.choice(index, piece.text, out.finish_reason,
-                                                           lp, delta=True)]))
+            if calls:
+                if text or lp:
+                    yield sse(envelope.chunk([envelope.choice(index, text, None, lp,
+                                                               delta=True)]))
+                yield sse(envelope.chunk([envelope.choice(index, "", reason, None, delta=True,
+                                                           tool_calls=calls)]))
+                last_sent = time.monotonic()
+            elif text or lp or out.finished:
+                yield sse(envelope.chunk([envelope.choice(index, text, reason, lp,
+                                                           delta=True)]))
                 last_sent = time.monotonic()
         else:
             state.metrics.observe_request(arrived, first_token, time.monotonic(), prompt_tokens,
