@@ -1,6 +1,12 @@
 """Mistral 7B's exact shapes with random Q4_0 weights: peak memory and decode speed.
 
     .venv/bin/python benchmarks/mistral_7b_shapes.py [--tokens 16] [--context 0] [--json]
+        [--no-fused]
+    .venv/bin/torchrun --nproc-per-node 2 benchmarks/mistral_7b_shapes.py ...   # split in 2
+
+Under torchrun each rank builds only its share of the model (tensor_parallel.py) and rank 0
+reports, with the time the all-reduces took per token. --no-fused runs one process's decode
+step layer by layer, as a split model must (without it one C++ call runs the whole step).
 
 The real weights (14 GB in bf16) are not available here, so this builds the 7B model's modules
 on the meta device and gives every linear layer and the embedding random Q4_0 blocks directly
@@ -22,12 +28,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mistral7b.bench import time_decode_at
+from mistral7b import tensor_parallel as tp
+from mistral7b.bench import cpu_name, time_decode_at
 from mistral7b.config import ModelConfig
 from mistral7b.llm import LLM
 from mistral7b.model import Transformer
 from mistral7b.quant.formats import FORMATS
 from mistral7b.quant.modules import QuantEmbedding, QuantLinear
+from mistral7b.tensor_parallel import local_config, world_from_env
 from mistral7b.tokenizer import MissingTokenizer
 
 MISTRAL_7B = {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32,
@@ -45,8 +53,10 @@ def random_q4_0(rows: int, cols: int, generator: torch.Generator) -> torch.Tenso
     return blocks.view(rows, spec.row_bytes(cols))
 
 
-def build(cache_dtype: torch.dtype = torch.float32, seed: int = 0) -> LLM:
-    config = ModelConfig.from_params(MISTRAL_7B, source="Mistral 7B shapes, random Q4_0")
+def build(cache_dtype: torch.dtype = torch.float32, seed: int = 0, world: int = 1) -> LLM:
+    """The model, or with world > 1 one rank's share of it."""
+    config = local_config(ModelConfig.from_params(MISTRAL_7B, source="Mistral 7B shapes, "
+                                                  "random Q4_0"), world)
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = Transformer(config)
@@ -75,20 +85,38 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=0, help="positions already cached")
     parser.add_argument("--kv-cache-dtype", choices=["float32", "float16"], default="float32")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-fused", action="store_true",
+                        help="one process: decode layer by layer (as a split model does)")
     args = parser.parse_args()
 
+    world = world_from_env()
+    shard = tp.init(torch.device("cpu")) if world > 1 else None
     start = time.perf_counter()
-    llm = build(getattr(torch, args.kv_cache_dtype))
+    llm = build(getattr(torch, args.kv_cache_dtype), seed=shard.rank if shard else 0,
+                world=world)
     build_s = time.perf_counter() - start
+    if shard is not None:
+        tp.attach(llm.model, shard)
+        if not shard.is_leader:
+            tp.follow(llm.model, shard)
+            return
+    llm.model.fused_decode = not args.no_fused and shard is None
     weights = sum(t.nbytes for t in [*llm.model.parameters(), *llm.model.buffers()])
+    reduce = llm.model.tensor_parallel.reduce if llm.model.tensor_parallel else None
+    before = reduce.seconds if reduce else 0.0
     speed, cache_bytes = time_decode_at(llm, args.context, args.tokens)
+    allreduce_s = (reduce.seconds - before) if reduce else 0.0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB
-    result = {"parameters_b": round(llm.config.num_parameters() / 1e9, 2),
-              "weights_gib": round(weights / 2**30, 2), "build_s": round(build_s, 1),
+    result = {"world_size": world, "fused_decode": llm.model.fused_decode,
+              "parameters_b_per_rank": round(llm.config.num_parameters() / 1e9, 2),
+              "weights_gib_per_rank": round(weights / 2**30, 2), "build_s": round(build_s, 1),
               "context": args.context, "kv_cache_dtype": args.kv_cache_dtype,
               "decode_tokens_per_s": round(speed, 2),
-              "kv_cache_mib": round(cache_bytes / 2**20, 1), "peak_rss_gib": round(peak, 2),
-              "threads": torch.get_num_threads()}
+              # all-reduces of the timed steps and the warm-up step
+              "allreduce_ms_per_token": round(allreduce_s * 1e3 / (args.tokens + 1), 2),
+              "kv_cache_mib_per_rank": round(cache_bytes / 2**20, 1),
+              "peak_rss_gib_rank0": round(peak, 2),
+              "threads_per_rank": torch.get_num_threads(), "cpu": cpu_name()}
     print(json.dumps(result, indent=2) if args.json else "\n".join(
         f"{k:>20}: {v}" for k, v in result.items()))
 

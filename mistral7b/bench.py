@@ -28,6 +28,7 @@ from mistral7b.generate import decode_step, default_chunk_size, prefill
 from mistral7b.llm import LLM
 from mistral7b.quant import kernels
 from mistral7b.static_decode import StaticDecoder
+from mistral7b.tensor_parallel import world_of
 
 
 @dataclass
@@ -145,6 +146,7 @@ def report(llm: LLM, results: list[BenchResult], load_s: float, as_json: bool) -
     weights = sum(t.nbytes for t in [*llm.model.parameters(), *llm.model.buffers()])
     per_token = weight_bytes_per_token(llm)
     bandwidth = read_bandwidth_gbs() if llm.device.type == "cpu" else None
+    world = world_of(llm.model)
     header = {
         "model": llm.path.name if llm.path else "?",
         "weights_mib": round(weights / 2**20, 1),
@@ -153,6 +155,7 @@ def report(llm: LLM, results: list[BenchResult], load_s: float, as_json: bool) -
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "cpu": cpu_name(),
         "read_bandwidth_gbs": None if bandwidth is None else round(bandwidth, 2),
+        "world_size": world,        # ranks under torchrun; the weights are rank 0's
     }
 
     def weights_gbs(r: BenchResult) -> float | None:   # decode reads the weights once a step
@@ -165,7 +168,9 @@ def report(llm: LLM, results: list[BenchResult], load_s: float, as_json: bool) -
              f"{header['weights_mib']} MiB of weights in memory, loaded in {load_s:.2f} s, "
              f"peak RSS {header['peak_rss_mib']} MiB",
              f"cpu {header['cpu']}" + (f", read bandwidth {bandwidth:.1f} GB/s (measured now)"
-                                      if bandwidth else ""), "",
+                                      if bandwidth else ""),
+             *([f"tensor parallel over {world} ranks (torchrun): the weights above are rank "
+                "0's share"] if world > 1 else []), "",
              "| test | depth | batch | threads | tokens/s | spread | weights GB/s |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:

@@ -76,14 +76,18 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace, progress: bool = True) -> LLM:
+    """The model; started by torchrun with several processes, split over them (on ranks
+    other than 0 this never returns: they follow rank 0 and exit with it)."""
     import mistral7b
+    from mistral7b.tensor_parallel import world_from_env
 
     _set_threads(args)                  # load() checks the device before anything else
     return mistral7b.load(args.model, dtype=args.dtype, device=args.device, progress=progress,
                           sliding_window=args.sliding_window,
                           dequantize=getattr(args, "dequantize", False), quantize=args.quantize,
                           prefill_dtype=args.prefill_dtype, kv_cache_dtype=args.kv_cache_dtype,
-                          compile=getattr(args, "compile", False))
+                          compile=getattr(args, "compile", False),
+                          tensor_parallel=world_from_env() > 1)
 
 
 def torch_set_threads(n: int) -> None:
@@ -471,6 +475,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"--model {args.model}: no such file or directory")
     _check_device(args)
     _set_threads(args)      # here too: the threads the server starts inherit it
+    if os.environ.get("RANK", "0") != "0":
+        _load(args, progress=False)     # under torchrun: rank 0 serves, the others follow it
+        return 0
     names = [clean_text(n) for n in args.served_model_names or []] or [
         Path(args.model).name if args.model else default_model_path().name]
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
@@ -610,7 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except Mistral7BError as e:
-        print(f"mistral7b: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":   # under torchrun, rank 0 says it once
+            print(f"mistral7b: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nmistral7b: interrupted", file=sys.stderr)

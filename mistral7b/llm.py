@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from mistral7b import tensor_parallel as tp
 from mistral7b.config import ModelConfig
 from mistral7b.default_model import default_model_path
 from mistral7b.device import resolve_device
@@ -272,7 +273,8 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
          device: str | torch.device = "cpu", progress: bool = True,
          sliding_window: int | None = None, dequantize: bool = False,
          quantize: str | None = None, prefill_dtype: str | torch.dtype = "float32",
-         kv_cache_dtype: str | torch.dtype | None = None, compile: bool = False) -> LLM:
+         kv_cache_dtype: str | torch.dtype | None = None, compile: bool = False,
+         tensor_parallel: bool = False) -> LLM:
     """Load a Mistral-family model: a .gguf file, a Mistral native or a Hugging Face directory;
     without a path, the embedded default model (SmolLM2-135M-Instruct).
 
@@ -287,7 +289,16 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
     memory and the bytes attention reads per token.
     compile: on a GPU, pass the decode steps through torch.compile before capturing them as
     CUDA graphs (a minute or more of compiling; measured no faster, see BENCHMARKS.md).
+    tensor_parallel: split the model over the processes torchrun started (tensor_parallel.py;
+    joins the process group, or uses the one already initialised). Each rank reads only its
+    slices. On every rank but 0 load() does not return: the process follows rank 0's forward
+    passes and exits when rank 0's process does, so the code after load() runs on rank 0.
     """
+    shard = None
+    if tensor_parallel:
+        device = tp.local_device(resolve_device(device))
+        shard = tp.init(device)
+        progress = progress and shard.is_leader
     device = resolve_device(device)
     torch_dtype = parse_dtype(dtype)
     resolved = Path(path) if path is not None else default_model_path()
@@ -306,9 +317,14 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "float32",
                 print(f"mistral7b: dequantizing {resolved.name} to {torch_dtype} for {device} "
                       "(quantized GGUF matrices run on the CPU only)", file=sys.stderr)
     _, model, tokenizer = load_checkpoint(resolved, torch_dtype, device, progress, sliding_window,
-                                        dequantize, quantize)
+                                        dequantize, quantize, shard)
     repack_linears(model)           # 8 rows at a time: fewer instructions per block in decode
     move_packed_weights(model)      # into huge pages: fewer TLB misses while decode streams them
     model.set_prefill_dtype(fill_dtype)
+    if shard is not None:
+        tp.attach(model, shard)
+        if not shard.is_leader:
+            tp.follow(model, shard)
+            sys.exit(0)
     cache_dtype = None if kv_cache_dtype is None else parse_dtype(kv_cache_dtype)
     return LLM(model, tokenizer, torch_dtype, resolved, cache_dtype, compile)

@@ -11,7 +11,8 @@ RollingCache, which also decides which keys each query may see (the window, caus
 
 from __future__ import annotations
 
-from typing import cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,13 @@ from mistral7b.cache import CacheStep, RollingCache
 from mistral7b.config import ModelConfig
 from mistral7b.quant.modules import QuantEmbedding, QuantLinear
 from mistral7b.rope import apply_rope, rope_rotations
+
+if TYPE_CHECKING:
+    from mistral7b.tensor_parallel import Leader
+
+# Under tensor parallelism (tensor_parallel.py) a row-parallel layer's output is a partial sum:
+# `reduce` adds up the ranks' parts (an all-reduce). None in one process.
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -47,6 +55,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.wqkv: nn.Module | None = None  # wq, wk, wv as one matrix, after fuse()
+        self.reduce: Reduce | None = None
 
     def fuse(self) -> None:
         """Replace wq, wk, wv by one projection (one matmul instead of three per token)."""
@@ -78,7 +87,8 @@ class Attention(nn.Module):
                 q.transpose(1, 2), keys, values,
                 attn_mask=None if step.causal else step.mask, is_causal=step.causal,
                 enable_gqa=self.n_heads != self.n_kv_heads).transpose(1, 2)  # (B, T, H, hd)
-        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
+        out = self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
+        return out if self.reduce is None else self.reduce(out)
 
     def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                           step: CacheStep) -> torch.Tensor:
@@ -104,6 +114,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)   # down
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)   # up
         self.w13: nn.Module | None = None  # w1 and w3 as one matrix, after fuse()
+        self.reduce: Reduce | None = None
 
     def fuse(self) -> None:
         fused = fuse_linears([self.w1, self.w3])
@@ -114,8 +125,10 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:
             gate, up = self.w13(x).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            out = self.w2(F.silu(gate) * up)
+        else:
+            out = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return out if self.reduce is None else self.reduce(out)
 
 
 def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
@@ -172,6 +185,8 @@ class Transformer(nn.Module):
         self.fused_decode = True
         self._decode_weights: fused_decode.DecodeWeights | None = None
         self._decode_weights_known = False
+        # Rank 0 of a tensor-parallel group: announces each forward pass to the other ranks.
+        self.tensor_parallel: Leader | None = None
 
     def fuse(self) -> None:
         """Stack the projections that share an input (q/k/v, gate/up) into one matmul each;
@@ -208,6 +223,14 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         rows = list(range(B)) if rows is None else rows
         n_new = [T] * B if n_new is None else n_new
+        if self.tensor_parallel is not None:
+            with self.tensor_parallel.announce(tokens, cache, rows, n_new, last_only):
+                return self._forward(tokens, cache, rows, n_new, last_only)
+        return self._forward(tokens, cache, rows, n_new, last_only)
+
+    def _forward(self, tokens: torch.Tensor, cache: RollingCache, rows: list[int],
+                 n_new: list[int], last_only: bool) -> torch.Tensor:
+        B = tokens.shape[0]
         step = cache.begin(rows, n_new)
         h = self.run_layers(tokens, cache, step)
         cache.end(step)

@@ -152,7 +152,9 @@ class Engine:
             prefill_budget = prefill_chunk * (8 if model.device.type == "cuda" else 1)
         self.prefill_budget = max(prefill_budget, prefill_chunk)
         if static_decode is None:
-            static_decode = model.device.type == "cuda"
+            # Not under tensor parallelism: a fixed-shape step bypasses forward(), which is
+            # where the other ranks are told of each pass.
+            static_decode = model.device.type == "cuda" and model.tensor_parallel is None
         # A static decoder pads its batches with a spare last row that no request gets.
         self.cache = RollingCache(model.config, rows=max_batch + int(static_decode), dtype=dtype,
                                   device=model.device)

@@ -16,16 +16,19 @@ from mistral7b.loading.gguf import read_gguf
 from mistral7b.loading.hf import is_hf, read_hf
 from mistral7b.loading.native import is_native, read_native
 from mistral7b.model import Transformer
+from mistral7b.quant.formats import FORMATS
+from mistral7b.tensor_parallel import Shard, check_split
 from mistral7b.tokenizer import Tokenizer, find_tokenizer
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu",
                     progress: bool = True, sliding_window: int | None = None,
-                    dequantize: bool = False, quantize: str | None = None
-                    ) -> tuple[ModelConfig, Transformer, Tokenizer]:
+                    dequantize: bool = False, quantize: str | None = None,
+                    shard: Shard | None = None) -> tuple[ModelConfig, Transformer, Tokenizer]:
     """sliding_window: None keeps what the checkpoint says; N > 0 forces a window of N tokens;
     0 forces full attention. dequantize: turn quantized GGUF tensors into `dtype` at load instead
-    of keeping them packed. quantize: "q8_0" | "q4_0" | "q4_1" packs float linear weights."""
+    of keeping them packed. quantize: "q8_0" | "q4_0" | "q4_1" packs float linear weights.
+    shard: load only this tensor-parallel rank's slices (tensor_parallel.py)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise LoadError(f"model path {path} does not exist")
@@ -61,7 +64,13 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device |
             raise InvalidArgumentError(f"sliding_window must be >= 0 (got {sliding_window}); "
                                        "0 means full attention")
         config = config.replace(sliding_window=sliding_window or None)
-    model = build_model(config, tensors, name_map, layout, dtype, device, progress, quantize)
+    if shard is not None:      # before anything is read
+        blocks = {FORMATS[t.packed].block_size for t in tensors if t.packed is not None}
+        if quantize is not None:
+            blocks.add(32)
+        check_split(config, shard.world, max(blocks) if blocks else None)
+    model = build_model(config, tensors, name_map, layout, dtype, device, progress, quantize,
+                        shard)
     if tokenizer is None:
         tokenizer = find_tokenizer(path, config.vocab_size)
     return config, model, tokenizer

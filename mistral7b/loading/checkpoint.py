@@ -22,11 +22,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from mistral7b import tensor_parallel
 from mistral7b.config import ModelConfig
 from mistral7b.errors import InvalidArgumentError, LoadError
 from mistral7b.loading import names
 from mistral7b.model import Transformer
+from mistral7b.quant.formats import FORMATS
 from mistral7b.rope import permute_rope_rows
+from mistral7b.tensor_parallel import Shard
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -56,6 +59,15 @@ class TensorRef:
     # A block format ("Q4_1", ...) when `read` returns the packed blocks, (rows, row_bytes)
     # uint8, to be kept compact in a QuantLinear / QuantEmbedding.
     packed: str | None = None
+    # Reads only rows (dim 0) or columns (dim 1) [start, stop) of what `read` returns (for a
+    # packed tensor: of its bytes), without reading the rest: a tensor-parallel rank's slice.
+    read_part: Callable[[int, int, int], torch.Tensor] | None = None
+
+    def read_slice(self, dim: int, start: int, stop: int) -> torch.Tensor:
+        if self.read_part is not None:
+            return self.read_part(dim, start, stop)
+        # A memory-mapped tensor: narrowing it first reads only the slice's pages.
+        return self.read().narrow(dim, start, stop - start).contiguous()
 
 
 # ---- reading files ------------------------------------------------------------------------
@@ -110,7 +122,14 @@ def read_safetensors(path: Path) -> list[TensorRef]:
     def reader(name: str) -> Callable[[], torch.Tensor]:
         return lambda: handle.get_tensor(name)
 
-    return [TensorRef(name, tuple(info["shape"]), reader(name), str(path))
+    def part_reader(name: str) -> Callable[[int, int, int], torch.Tensor]:
+        def read_part(dim: int, start: int, stop: int) -> torch.Tensor:
+            part = handle.get_slice(name)
+            return part[start:stop] if dim == 0 else part[:, start:stop]
+        return read_part
+
+    return [TensorRef(name, tuple(info["shape"]), reader(name), str(path),
+                      read_part=part_reader(name))
             for name, info in header.items() if name != "__metadata__"]
 
 
@@ -160,18 +179,25 @@ def _file_size(path: Path) -> int:
 def build_model(config: ModelConfig, tensors: Sequence[TensorRef], name_map: names.NameMap,
                 rope_layout: Literal["interleaved", "half_split"], dtype: torch.dtype,
                 device: torch.device | str = "cpu", progress: bool = True,
-                quantize: str | None = None) -> Transformer:
+                quantize: str | None = None, shard: Shard | None = None) -> Transformer:
     """Rename, check and load checkpoint tensors into a Transformer of `config`.
 
     The check is strict: a tensor the model needs but the checkpoint lacks, a tensor the model
     does not know, or a shape mismatch is a LoadError naming every offending tensor.
     quantize ("q8_0", "q4_0", "q4_1"): pack the float weights of every linear layer into that
     block format at load (embeddings, norms and already-packed tensors are left as they are).
+    shard: this rank's part under tensor parallelism (tensor_parallel.py): the model holds
+    its share of the heads and FFN units, and only those slices are read.
     """
     fmt = _quantize_format(quantize)
+    world = shard.world if shard is not None else 1
+    local = tensor_parallel.local_config(config, world)
     with torch.device("meta"):
-        model = Transformer(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        model = Transformer(local)
+        whole = Transformer(config) if world > 1 else model
+    expected = {k: tuple(v.shape) for k, v in whole.state_dict().items()}
+    local_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    del whole
 
     ours: dict[str, TensorRef] = {}
     unknown: list[str] = []
@@ -207,7 +233,7 @@ def build_model(config: ModelConfig, tensors: Sequence[TensorRef], name_map: nam
     for name, ref in ours.items():
         if ref.packed is not None:
             packed[name] = ref.packed
-        elif fmt and _is_linear_weight(model, name) and ref.shape[1] % 32 == 0:
+        elif fmt and _is_linear_weight(model, name) and local_shapes[name][1] % 32 == 0:
             packed[name] = fmt
     for name, block_format in packed.items():
         _install_packed(model, name, block_format, dtype)
@@ -216,12 +242,13 @@ def build_model(config: ModelConfig, tensors: Sequence[TensorRef], name_map: nam
     for name, ref in tqdm(ours.items(), desc="loading weights", unit="tensor",
                           disable=None if progress else True, leave=False):
         try:
-            tensor = ref.read()
+            tensor = _read(ref, name, shard)
         except Exception as e:  # safetensors and torch raise assorted types for bad bytes
             raise LoadError(f"{ref.file}: cannot read tensor {ref.name!r}: {e}") from None
         heads_attr = names.rope_heads_attr(name)
         if heads_attr is not None and rope_layout != "interleaved":
-            tensor = permute_rope_rows(tensor, getattr(config, heads_attr), to="interleaved")
+            # Per head, so a rank's whole heads permute alone.
+            tensor = permute_rope_rows(tensor, getattr(local, heads_attr), to="interleaved")
         if name in packed and ref.packed is None:
             tensor = _pack(tensor, packed[name])
         # Packed blocks stay uint8; float tensors take the model's dtype.
@@ -235,6 +262,21 @@ def build_model(config: ModelConfig, tensors: Sequence[TensorRef], name_map: nam
     model.requires_grad_(False)
     model.fuse()
     return model.eval()
+
+
+def _read(ref: TensorRef, name: str, shard: Shard | None) -> torch.Tensor:
+    """The tensor, or under tensor parallelism this rank's rows or columns of it (for packed
+    blocks, columns are counted in whole blocks' bytes: check_split made sure they are)."""
+    split = tensor_parallel.split_of(name) if shard is not None and shard.world > 1 else None
+    if split is None or shard is None:
+        return ref.read()
+    if split == "column":
+        return ref.read_slice(0, *shard.span(ref.shape[0]))
+    start, stop = shard.span(ref.shape[1])
+    if ref.packed is not None:
+        block = FORMATS[ref.packed]
+        start, stop = block.row_bytes(start), block.row_bytes(stop)
+    return ref.read_slice(1, start, stop)
 
 
 QUANTIZE_CHOICES = ("q8_0", "q4_0", "q4_1")

@@ -50,7 +50,7 @@ def read_gguf(path: Path, dequantize: bool = False
         # everything with dequantize=True become floats of the model's dtype.
         if t.type_name in FORMATS and len(shape) == 2 and not dequantize:
             tensors.append(TensorRef(t.name, shape, _packed_reader(gguf, t), str(path),
-                                     packed=t.type_name))
+                                     packed=t.type_name, read_part=_part_reader(gguf, t)))
         else:
             tensors.append(TensorRef(t.name, shape, _dequantizer(gguf, t, shape), str(path)))
     return config, tensors, metadata
@@ -65,6 +65,18 @@ def _packed_reader(gguf: GGUFFile, tensor: TensorInfo) -> Callable[[], torch.Ten
         return torch.from_numpy(np.array(data.view(np.uint8).reshape(rows, -1), copy=True))
 
     return read
+
+
+def _part_reader(gguf: GGUFFile, tensor: TensorInfo) -> Callable[[int, int, int], torch.Tensor]:
+    def read_part(dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows or byte columns [start, stop) of the blocks: only those pages of the map."""
+        data = gguf.tensor_data(tensor)
+        rows = data.shape[0] if data.ndim > 1 else 1
+        blocks = data.view(np.uint8).reshape(rows, -1)
+        part = blocks[start:stop] if dim == 0 else blocks[:, start:stop]
+        return torch.from_numpy(np.array(part, copy=True))
+
+    return read_part
 
 
 def _dequantizer(gguf: GGUFFile, tensor: TensorInfo, shape: tuple[int, ...]
