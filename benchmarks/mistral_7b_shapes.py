@@ -79,6 +79,21 @@ def build(cache_dtype: torch.dtype = torch.float32, seed: int = 0, world: int = 
                cache_dtype=cache_dtype)
 
 
+def allreduce_latency_us(dim: int, repeats: int = 200) -> float:
+    """Median µs of one decode step's all-reduce (dim floats) with every rank ready: the cost
+    of the communication alone, without waiting for a slower rank's matmuls."""
+    import torch.distributed as dist
+
+    x = torch.ones(dim)
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(x)
+        times.append(time.perf_counter() - start)
+    return round(sorted(times)[len(times) // 2] * 1e6, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16, help="decode steps to time")
@@ -95,7 +110,9 @@ def main() -> None:
     llm = build(getattr(torch, args.kv_cache_dtype), seed=shard.rank if shard else 0,
                 world=world)
     build_s = time.perf_counter() - start
+    latency_us = None
     if shard is not None:
+        latency_us = allreduce_latency_us(llm.config.dim)
         tp.attach(llm.model, shard)
         if not shard.is_leader:
             tp.follow(llm.model, shard)
@@ -114,6 +131,8 @@ def main() -> None:
               "decode_tokens_per_s": round(speed, 2),
               # all-reduces of the timed steps and the warm-up step
               "allreduce_ms_per_token": round(allreduce_s * 1e3 / (args.tokens + 1), 2),
+              "allreduce_calls_per_token": 2 * llm.config.n_layers if shard else 0,
+              "allreduce_alone_us": latency_us,
               "kv_cache_mib_per_rank": round(cache_bytes / 2**20, 1),
               "peak_rss_gib_rank0": round(peak, 2),
               "threads_per_rank": torch.get_num_threads(), "cpu": cpu_name()}

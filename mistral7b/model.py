@@ -224,7 +224,7 @@ class Transformer(nn.Module):
         rows = list(range(B)) if rows is None else rows
         n_new = [T] * B if n_new is None else n_new
         if self.tensor_parallel is not None:
-            with self.tensor_parallel.announce(tokens, cache, rows, n_new, last_only):
+            with self.tensor_parallel.announce(tokens, cache, rows, n_new):
                 return self._forward(tokens, cache, rows, n_new, last_only)
         return self._forward(tokens, cache, rows, n_new, last_only)
 

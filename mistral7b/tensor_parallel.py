@@ -7,17 +7,18 @@ Started by torchrun, every rank loads only its slice of each weight matrix:
                      n_kv_heads / N kv heads and hidden_dim / N feed-forward units
     row-parallel     wo, w2: the matching input columns; each rank's partial product is
                      summed over the ranks by one all-reduce (one per attention, one per FFN)
-    replicated       embedding, norms, output head: every rank holds them whole
+    replicated       embedding, norms, output head: every rank holds them whole (only the
+                     leader runs the head: vocab-parallel would need one more collective)
 
 Each rank's rolling cache holds its own kv heads only: the cache memory per rank is 1/N.
 
 Rank 0 (the leader) runs everything else: tokenizer, engine, sampling, CLI or HTTP. Before
 each forward pass it broadcasts the pass (`Leader.announce`): the cache it runs on, the rows,
 their token counts and cache lengths, and the tokens. The other ranks (followers, `follow`)
-run the same pass on their own shard and cache, meeting the leader in the all-reduces, and
-drop their logits. While idle, the leader sends a heartbeat, so that a follower can tell a
-quiet leader from a dead one: every collective has a timeout, and a rank that loses the
-others prints one line and exits with status 1.
+run the same pass on their own shard and cache, meeting the leader in the all-reduces; they
+skip the output head, whose logits only the leader reads. While idle, the leader sends a
+heartbeat, so that a follower can tell a quiet leader from a dead one: every collective has a
+timeout, and a rank that loses the others prints one line and exits with status 1.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ TIMEOUT_S = 60.0          # a collective that waits longer means a rank is gone
 HEARTBEAT_S = 10.0        # an idle leader says it is alive this often
 
 # Header of a broadcast: [op, cache id, cache rows, cache slots, cache dtype, batch, tokens per
-# row, last_only]; the payload that follows holds rows, n_new, lengths and the (B, T) tokens.
-_HEADER = 8
+# row]; the payload that follows holds rows, n_new, lengths and the (B, T) tokens.
+_HEADER = 7
 _RUN, _STOP, _ALIVE = 1, 2, 3
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -220,11 +221,11 @@ class Leader:
 
     @contextlib.contextmanager
     def announce(self, tokens: torch.Tensor, cache: RollingCache, rows: list[int],
-                 n_new: list[int], last_only: bool) -> Iterator[None]:
-        """Tell the followers to run Transformer.forward(tokens, cache, rows, n_new,
-        last_only) on their shard, their cache's rows starting at this cache's lengths; the
-        leader runs the same pass inside the `with` (nothing else may use the group
-        meanwhile: the pass's all-reduces must meet the followers' in order)."""
+                 n_new: list[int]) -> Iterator[None]:
+        """Tell the followers to run the layers of Transformer.forward(tokens, cache, rows,
+        n_new) on their shard, their cache's rows starting at this cache's lengths; the leader
+        runs the same pass inside the `with` (nothing else may use the group meanwhile: the
+        pass's all-reduces must meet the followers' in order)."""
         with self._lock:
             if self._stopped:
                 raise RuntimeError("tensor parallel: the group has stopped")
@@ -234,7 +235,7 @@ class Leader:
                 self._next_id += 1
             B, T = tokens.shape
             header = [_RUN, cache_id, cache.rows, cache.max_slots,
-                      _DTYPES.index(cache.k.dtype), B, T, int(last_only)]
+                      _DTYPES.index(cache.k.dtype), B, T]
             plan = torch.tensor([*rows, *n_new, *(cache.lengths[r] for r in rows)],
                                 dtype=torch.int64, device=self.device)
             self._send(header, torch.cat([plan, tokens.reshape(-1).to(torch.int64)]))
@@ -253,11 +254,20 @@ class Leader:
                     self._send([_ALIVE] + [0] * (_HEADER - 1))
 
     def stop(self) -> None:
-        """Let the followers exit (at the leader's exit)."""
+        """Let the followers exit, and leave the group (at the leader's exit)."""
         with self._lock:
             if not self._stopped:
                 self._stopped = True
                 self._send([_STOP] + [0] * (_HEADER - 1))
+                _leave()
+
+
+def _leave() -> None:
+    """Destroy the process group: left to the interpreter's exit, its threads abort it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ---- the followers ------------------------------------------------------------------------
@@ -282,8 +292,9 @@ def follow(model: Transformer, shard: Shard) -> None:
     while True:
         try:
             dist.broadcast(header, 0)
-            op, cache_id, cache_rows, slots, dtype, B, T, last_only = header.tolist()
+            op, cache_id, cache_rows, slots, dtype, B, T = header.tolist()
             if op == _STOP:
+                _leave()
                 return
             if op != _RUN:
                 continue
@@ -301,8 +312,10 @@ def follow(model: Transformer, shard: Shard) -> None:
         for row, length in zip(rows, lengths, strict=True):
             cache.lengths[row] = length
         tokens = payload[3 * B:].view(B, T)
-        with torch.inference_mode():
-            model(tokens, cache, rows, n_new, last_only=bool(last_only))
+        with torch.inference_mode():   # the layers only: a follower's logits would be dropped
+            step = cache.begin(rows, n_new)
+            model.run_layers(tokens, cache, step)
+            cache.end(step)
 
 
 def world_of(model: Transformer) -> int:

@@ -207,3 +207,14 @@ def test_torchrun_serve_answers_with_the_one_process_text(v3_model: Path) -> Non
             proc.kill()
             _, err = proc.communicate()
     assert "mistral7b: stopped" in err and "lost contact" not in err, err
+
+
+def test_torchrun_bench_reports_the_world_size(v3_model: Path) -> None:
+    import json
+
+    run = subprocess.run(torchrun(["bench", "--model", str(v3_model), "-p", "8", "-n", "4",
+                                   "-r", "1", "--json"]),
+                         capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=ROOT)
+    assert run.returncode == 0, run.stderr           # the group is left cleanly at exit
+    report = json.loads(run.stdout)
+    assert report["world_size"] == 2 and [r["test"] for r in report["results"]] == ["pp8", "tg4"]
