@@ -218,3 +218,44 @@ def test_torchrun_bench_reports_the_world_size(v3_model: Path) -> None:
     assert run.returncode == 0, run.stderr           # the group is left cleanly at exit
     report = json.loads(run.stdout)
     assert report["world_size"] == 2 and [r["test"] for r in report["results"]] == ["pp8", "tg4"]
+
+
+def test_a_rank_reads_only_its_slices_of_split_weights(models: dict[str, Path],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 of 2, built in this process: every split matrix comes from a partial read of
+    its half (rows for q/k/v and gate/up, whole-block columns for wo and w2), never whole."""
+    from mistral7b.loading import checkpoint
+    from mistral7b.tensor_parallel import Shard
+
+    whole: list[str] = []
+    parts: dict[str, tuple[int, int, int]] = {}
+    real_read = checkpoint.TensorRef.read_slice
+
+    def read_slice(self: checkpoint.TensorRef, dim: int, start: int, stop: int
+                   ) -> torch.Tensor:
+        parts[self.name] = (dim, start, stop)
+        return real_read(self, dim, start, stop)
+
+    real_build = checkpoint.build_model
+
+    def build(config: Any, tensors: Any, *args: Any, **kwargs: Any) -> Any:
+        def spy(ref: checkpoint.TensorRef) -> checkpoint.TensorRef:
+            def read() -> torch.Tensor:
+                whole.append(ref.name)
+                return ref.read()
+            return checkpoint.TensorRef(ref.name, ref.shape, read, ref.file, ref.packed,
+                                        ref.read_part)
+        return real_build(config, [spy(t) for t in tensors], *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.TensorRef, "read_slice", read_slice)
+    monkeypatch.setattr("mistral7b.loading.build_model", build)
+    from mistral7b.loading import load_checkpoint
+
+    _, model, _ = load_checkpoint(models["Q8_0"], torch.float32, shard=Shard(1, 2),
+                                  progress=False)
+    split = set(parts)
+    assert split and not split & set(whole)
+    assert parts["blk.0.attn_q.weight"] == (0, 32, 64)           # 8 heads of 8: rows 32..63
+    assert parts["blk.0.ffn_up.weight"] == (0, 64, 128)          # FFN units 64..127
+    assert parts["blk.0.ffn_down.weight"] == (1, 68, 136)        # Q8_0: 2 blocks of 34 bytes
+    assert model.config.n_kv_heads == 1 and model.config.hidden_dim == 64
