@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -467,6 +468,52 @@ def cmd_moderate(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_text_file(name: str, what: str) -> str:
+    """A UTF-8 text file (- for stdin), or an error naming it and what is wrong."""
+    if name == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise InvalidArgumentError(f"{what} {name}: no such file")
+        data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(f"{what} {name}: not UTF-8 text (byte {e.start} is "
+                                   f"0x{data[e.start]:02x})") from None
+    if not text.strip():
+        raise InvalidArgumentError(f"{what} {name}: empty")
+    return text
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from mistral7b.perplexity import perplexity
+
+    for flag, value in (("--context", args.context), ("--stride", args.stride),
+                        ("--batch", args.batch)):
+        if value is not None and value < 1:
+            raise InvalidArgumentError(f"{flag} must be >= 1 (got {value})")
+    text = read_text_file(args.file, "FILE")
+    llm = _load(args, progress=not args.json)
+    with tqdm(desc="scoring windows", unit="window", file=sys.stderr, leave=False) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = perplexity(llm, text, args.context, args.stride, args.batch, progress)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+    else:
+        print(f"{result.tokens} tokens ({result.bytes} bytes), {result.windows} windows of "
+              f"{result.context} tokens every {result.stride}\n"
+              f"mean NLL {result.mean_nll:.4f} nats/token, perplexity "
+              f"{result.perplexity:.3f}, {result.bits_per_byte:.4f} bits per byte")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from mistral7b.default_model import default_model_path
     from mistral7b.server.serve import ServeOptions, serve
@@ -601,6 +648,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --eval: the precision-recall curve as a PNG")
     mod.add_argument("--json", action="store_true", help="with --eval: JSON instead of a table")
     mod.set_defaults(func=cmd_moderate)
+
+    ppl = sub.add_parser("perplexity", help="perplexity of a text file over sliding windows")
+    _add_model_args(ppl)
+    ppl.add_argument("file", metavar="FILE", help="a UTF-8 text file (- for stdin)")
+    ppl.add_argument("--context", type=int, default=None, metavar="N",
+                     help="tokens per window (default: the model's sliding window, at most "
+                          "2048)")
+    ppl.add_argument("--stride", type=int, default=None, metavar="S",
+                     help="tokens between window starts; each token is scored with at least "
+                          "N - S tokens before it (default: N / 2)")
+    ppl.add_argument("--batch", type=int, default=4, metavar="B",
+                     help="windows scored together (default: 4)")
+    ppl.add_argument("--json", action="store_true", help="print JSON")
+    ppl.set_defaults(func=cmd_perplexity)
 
     info = sub.add_parser("info", help="describe a model: architecture, window, size, tokenizer")
     _add_model_args(info)

@@ -26,6 +26,15 @@ from mistral7b.tools import ToolCall
 
 
 @dataclass
+class PromptToken:
+    """One prompt token scored by the model (SamplingParams.prompt_logprobs)."""
+
+    token_id: int
+    logprob: float | None                   # None for the first token: nothing precedes it
+    top: list[tuple[int, float]] = field(default_factory=list)  # the k likeliest at its place
+
+
+@dataclass
 class StreamPiece:
     """What one step adds to one sequence."""
 
@@ -35,6 +44,7 @@ class StreamPiece:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None        # "stop" | "length" | "tool_calls" on the last piece
     tool_calls: list[ToolCall] | None = None  # stream_chat(tools=...): on the last piece
+    prompt_logprobs: list[PromptToken] | None = None  # when asked for: on the first piece
 
 
 @dataclass
@@ -46,6 +56,7 @@ class GenerationResult:
     logprobs: list[float] | None = None     # per generated token, when asked for
     top_logprobs: list[list[tuple[int, float]]] | None = None
     tool_calls: list[ToolCall] | None = None  # LLM.chat(tools=...): the calls it made
+    prompt_logprobs: list[PromptToken] | None = None  # prompt_logprobs=k: the prompt's tokens
 
 
 def default_chunk_size(config: ModelConfig) -> int:
@@ -92,6 +103,38 @@ def prefill(model: Transformer, cache: RollingCache, rows: list[int],
                        n_new=[len(c) for c in chunks], last_only=True)
         last[live] = logits.cpu()
     return last
+
+
+@torch.inference_mode()
+def prefill_every_position(model: Transformer, cache: RollingCache, rows: list[int],
+                           chunks: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of each row's prompt (any lengths), keeping every position's logits: the
+    (B, vocab) logits of each chunk's last token on the host, and (B, T, vocab) of all of
+    them on the model's device (a prompt's own log-probabilities need them)."""
+    width = max(len(c) for c in chunks)
+    tokens = torch.tensor([list(c) + [0] * (width - len(c)) for c in chunks],
+                          device=model.device)
+    every = model(tokens, cache, rows=rows, n_new=[len(c) for c in chunks])
+    last = torch.tensor([len(c) - 1 for c in chunks], device=every.device)
+    return every[torch.arange(len(chunks), device=every.device), last].cpu(), every
+
+
+def score_positions(logits: torch.Tensor, following: Sequence[int], top: int
+                    ) -> list[PromptToken]:
+    """The log-probability of each token in `following` under the (n, vocab) logits of the
+    positions before it, with the `top` likeliest tokens at each."""
+    n = len(following)
+    if n == 0:
+        return []
+    lp = torch.log_softmax(logits[:n].float(), dim=-1)
+    ids = torch.tensor(list(following), device=lp.device)
+    chosen = lp.gather(1, ids[:, None])[:, 0].tolist()
+    best: list[list[tuple[int, float]]] = [[] for _ in range(n)]
+    if top:
+        values, indices = lp.topk(top, dim=-1)
+        best = [list(zip(i, v, strict=True))
+                for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+    return [PromptToken(t, c, b) for t, c, b in zip(following, chosen, best, strict=True)]
 
 
 @torch.inference_mode()

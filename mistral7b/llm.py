@@ -132,7 +132,9 @@ class LLM:
                 prompt_tokens=len(ids[i]),
                 logprobs=[lp for p in pieces for lp in p.logprobs] if wanted else None,
                 top_logprobs=([tl for p in pieces for tl in p.top_logprobs]
-                              if per_prompt[i].top_logprobs else None)))
+                              if per_prompt[i].top_logprobs else None),
+                prompt_logprobs=next((p.prompt_logprobs for p in pieces
+                                      if p.prompt_logprobs is not None), None)))
         return results
 
     def chat(self, messages: Sequence[Message], params: SamplingParams | None = None,

@@ -157,7 +157,7 @@ class Range:
 # The one table of sampling limits: SamplingParams checks every value against it, and the
 # server's request schemas and the CLI (through SamplingParams) accept exactly these ranges.
 RANGES: dict[str, Range] = {
-    "max_tokens": Range(1, integer=True),
+    "max_tokens": Range(0, integer=True),                   # 0: only with prompt_logprobs
     "temperature": Range(0.0, MAX_TEMPERATURE),
     "top_k": Range(-1, integer=True),                       # 0 and -1 (vLLM's) turn it off
     "top_p": Range(0.0, 1.0, low_inclusive=False),
@@ -166,6 +166,7 @@ RANGES: dict[str, Range] = {
     "presence_penalty": Range(-2.0, 2.0),
     "frequency_penalty": Range(-2.0, 2.0),
     "top_logprobs": Range(0, MAX_TOP_LOGPROBS, integer=True),
+    "prompt_logprobs": Range(0, MAX_TOP_LOGPROBS, integer=True),    # when given
     "logit_bias": Range(-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS),   # each value
 }
 
@@ -197,6 +198,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    # The prompt's own log-probabilities: each prompt token's (the first has none) and its k
+    # most likely alternatives (0: none); None: not computed. With max_tokens=0 a request only
+    # scores its prompt (what lm-eval and perplexity need).
+    prompt_logprobs: int | None = None
     # given as {id: bias} (ids may be digit strings) or (id, bias) pairs; stored as sorted pairs
     logit_bias: Any = ()
     # Constrained decoding (constrained.py): a ResponseFormat, or OpenAI's response_format
@@ -207,8 +212,12 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         for name, limits in RANGES.items():
-            if name != "logit_bias":
+            if name != "logit_bias" and not (name == "prompt_logprobs" and
+                                             self.prompt_logprobs is None):
                 limits.check(name, getattr(self, name))
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise InvalidSamplingParam("max_tokens must be >= 1 (0 generates nothing: it is "
+                                       "for scoring a prompt, with prompt_logprobs)")
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)            # off, as 0 is
         if self.seed is not None:

@@ -96,9 +96,41 @@ def test_completion_with_logprobs_and_echo(srv: Running, llm: mistral7b.LLM) -> 
     assert r.usage.prompt_tokens == len(llm.tokenizer.encode(prompt))
     lp = choice.logprobs
     assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
-    assert len(lp.token_logprobs) == 12 and all(len(t) <= 3 for t in lp.top_logprobs)
-    for chosen, tops in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+    # echo: the prompt's tokens first (the first has no logprob), then the 12 generated
+    n_prompt = len(llm.tokenizer.encode(prompt))
+    assert len(lp.token_logprobs) == n_prompt + 12 and lp.token_logprobs[0] is None
+    assert lp.top_logprobs[0] is None and all(len(t) == 3 for t in lp.top_logprobs[1:])
+    for chosen, tops in zip(lp.token_logprobs[n_prompt:], lp.top_logprobs[n_prompt:],
+                            strict=True):
         assert chosen <= 0 and abs(chosen - max(tops.values())) < 1e-5   # greedy: the best
+
+
+def test_prompt_logprobs_with_echo_and_max_tokens_0(srv: Running, llm: mistral7b.LLM) -> None:
+    """What lm-eval's local-completions sends to score a continuation: the prompt's own
+    logprobs in OpenAI's legacy shape, streamed or not."""
+    prompt = "The capital of France is Paris"
+    ids = llm.tokenizer.encode(prompt)
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 2}
+    r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60).json()
+    choice = r["choices"][0]
+    assert choice["text"] == llm.tokenizer.decode(ids) and choice["finish_reason"] == "length"
+    assert r["usage"]["completion_tokens"] == 0
+    lp = choice["logprobs"]
+    expected = llm.generate(ids, max_tokens=0, prompt_logprobs=2, chunk_size=CHUNK)
+    assert expected.prompt_logprobs is not None
+    assert lp["tokens"] == [llm.tokenizer.decode([t]) for t in ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx(
+        [t.logprob for t in expected.prompt_logprobs[1:]], abs=1e-5)
+    assert [len(t) for t in lp["top_logprobs"][1:]] == [2] * (len(ids) - 1)
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    streamed = [json.loads(line[6:]) for line in httpx.post(
+        f"{srv.url}/v1/completions", json={**body, "stream": True}, timeout=60
+    ).text.splitlines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in streamed if c["choices"]) == choice["text"]
+    assert [c["choices"][0]["logprobs"] for c in streamed if c["choices"]] == [lp]
+    bad = httpx.post(f"{srv.url}/v1/completions", json={**body, "echo": False}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
 
 
 def test_completion_stream_and_stop_string(srv: Running, llm: mistral7b.LLM) -> None:

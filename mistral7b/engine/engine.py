@@ -59,7 +59,16 @@ from mistral7b.batch_sampling import BatchSampler, Masks, PendingSample
 from mistral7b.cache import RollingCache
 from mistral7b.constrained import Constraint
 from mistral7b.errors import Mistral7BError
-from mistral7b.generate import SequenceState, StreamPiece, check_prompt, decode_step, prefill
+from mistral7b.generate import (
+    PromptToken,
+    SequenceState,
+    StreamPiece,
+    check_prompt,
+    decode_step,
+    prefill,
+    prefill_every_position,
+    score_positions,
+)
 from mistral7b.model import Transformer
 from mistral7b.sampling import SampleResult, SamplingParams
 from mistral7b.static_decode import StaticDecoder
@@ -114,6 +123,8 @@ class _Request:
     submitted: float = field(default_factory=time.monotonic)
     score: bool = False                  # answer with next_logprobs, after one token
     next_logprobs: torch.Tensor | None = None
+    # The prompt's tokens scored so far (params.prompt_logprobs), sent with the first output.
+    prompt_logprobs: list[PromptToken] | None = None
 
 
 @dataclass
@@ -212,7 +223,8 @@ class Engine:
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); "
                                      "retry later")
             request = _Request(f"req-{next(self._ids)}", ids, params, on_output, state,
-                               score=score)
+                               score=score,
+                               prompt_logprobs=None if params.prompt_logprobs is None else [])
             self._waiting.append(request)
             self._by_id[request.id] = request
             self._lock.notify()
@@ -424,9 +436,17 @@ class Engine:
             batch.append(request)
             chunks.append(chunk)
             budget -= len(chunk)
+        rows = [r.row for r in batch]
+        scoring = [i for i, r in enumerate(batch) if r.prompt_logprobs is not None]
         try:
-            logits = prefill(self.model, self.cache, [r.row for r in batch], chunks,
-                             max(len(c) for c in chunks))
+            if scoring:     # every position's logits: the prompt's own log-probabilities
+                logits, every = prefill_every_position(self.model, self.cache, rows, chunks)
+                for i in scoring:
+                    self._score_prompt(batch[i], chunks[i], every[i])
+                del every
+            else:
+                logits = prefill(self.model, self.cache, rows, chunks,
+                                 max(len(c) for c in chunks))
         except Exception as e:
             log.exception("pre-fill failed")
             for request in batch:
@@ -437,8 +457,31 @@ class Engine:
             request.prefilled += len(chunk)
             if request.prefilled == len(request.prompt):
                 done.append(i)
+        for i in [i for i in done if batch[i].params.max_tokens == 0]:
+            self._end_scored(batch[i])          # scored its prompt; generates nothing
+        done = [i for i in done if batch[i].params.max_tokens > 0]
         if done:                                 # their first generated tokens
             self._sample([batch[i] for i in done], logits[done])
+
+    def _score_prompt(self, request: _Request, chunk: list[int], logits: torch.Tensor) -> None:
+        """Add the log-probabilities of the prompt tokens that this chunk's positions predict
+        (position t of the chunk predicts the prompt's next token, if the prompt has one)."""
+        assert request.prompt_logprobs is not None and request.params.prompt_logprobs is not None
+        start = request.prefilled
+        if start == 0:
+            request.prompt_logprobs.append(PromptToken(request.prompt[0], None))
+        following = request.prompt[start + 1:start + len(chunk) + 1]
+        request.prompt_logprobs.extend(score_positions(logits, following,
+                                                       request.params.prompt_logprobs))
+
+    def _end_scored(self, request: _Request) -> None:
+        """A request with max_tokens=0: its answer is its prompt's log-probabilities."""
+        with self._lock:
+            self._release(request)
+        piece = StreamPiece("", [], finish_reason="length",
+                            prompt_logprobs=request.prompt_logprobs)
+        self._finish(request, EngineOutput(request.id, piece, True, "length",
+                                           prompt_tokens=len(request.prompt)))
 
     def _sample(self, requests: list[_Request], logits: torch.Tensor) -> None:
         """Sample every request's next token from its row of `logits` in one batch (one copy to
@@ -467,6 +510,8 @@ class Engine:
             return
         reason = request.state.finish_reason
         request.next_token = piece.token_ids[0] if reason is None else None
+        if request.prompt_logprobs is not None:          # with the first token
+            piece.prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
         if reason is not None:
             with self._lock:
                 self._release(request)

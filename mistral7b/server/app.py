@@ -178,8 +178,12 @@ def create_app(state: ServerState) -> FastAPI:
         if len(prompts) * body.n > MAX_CHOICES:
             raise APIError(400, f"prompt: {len(prompts)} prompts x n={body.n} choices is more "
                            f"than {MAX_CHOICES}", param="prompt")
+        if body.token_limit() == 0 and not body.echo:
+            raise APIError(400, "max_tokens: 0 generates nothing; it is for scoring a prompt "
+                           "with echo=true (and logprobs)", param="max_tokens")
         wanted = body.logprobs is not None
-        return await _generate(state, request, "text", body, prompts, wanted, body.logprobs or 0)
+        return await _generate(state, request, "text", body, prompts, wanted, body.logprobs or 0,
+                               echo=body.echo)
 
     @app.post("/v1/moderations")
     async def moderations(body: ModerationRequest) -> dict[str, Any]:
@@ -242,7 +246,8 @@ def _completion_prompts(llm: LLM, prompt: str | list[int] | list[str] | list[lis
 
 
 def sampling_params(body: SamplingFields, limit: int | None, prompt_len: int, context: int,
-                    logprobs: bool, top_logprobs: int, choice: int) -> SamplingParams:
+                    logprobs: bool, top_logprobs: int, choice: int,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """The engine's parameters for one choice. Without a token limit, generation may fill the
     rest of the model's context."""
     if limit is None:
@@ -257,21 +262,27 @@ def sampling_params(body: SamplingFields, limit: int | None, prompt_len: int, co
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         seed=None if body.seed is None else body.seed + choice, stop=tuple(body.stop_list()),
         ignore_eos=body.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
-        logit_bias=body.logit_bias or (), response_format=body.response_format)
+        logit_bias=body.logit_bias or (), response_format=body.response_format,
+        prompt_logprobs=prompt_logprobs)
 
 
 async def _generate(state: ServerState, request: Request, kind: str, body: SamplingFields,
                     prompts: list[list[int]], logprobs: bool, top_logprobs: int,
-                    moderate_output: bool = False, tools: ToolPlan | None = None
-                    ) -> Response:
-    """Choice k answers prompts[k // n] (OpenAI's order for several prompts)."""
+                    moderate_output: bool = False, tools: ToolPlan | None = None,
+                    echo: bool = False) -> Response:
+    """Choice k answers prompts[k // n] (OpenAI's order for several prompts). echo: each
+    text starts with its prompt, and logprobs with the prompt's tokens (a full pre-fill that
+    keeps every position's logits, chunk by chunk)."""
     llm, engine = ready(state)
     arrived = time.monotonic()
     limit = body.token_limit()
     total = len(prompts) * body.n
     prompt_tokens = sum(len(p) for p in prompts)
+    scored = top_logprobs if echo and (logprobs or limit == 0) else None
+    if echo and limit == 0 and scored is None:
+        scored = 0
     requests = [(prompt, sampling_params(body, limit, len(prompt), llm.config.max_seq_len,
-                                         logprobs, top_logprobs, j))
+                                         logprobs, top_logprobs, j, scored))
                 for prompt in prompts for j in range(body.n)]
     if tools is not None:
         requests = [(prompt, tools.sampling(params)) for prompt, params in requests]
@@ -286,10 +297,15 @@ async def _generate(state: ServerState, request: Request, kind: str, body: Sampl
         return CallStream(llm.tokenizer, tools) if tools is not None else None
 
     # A moderated answer is judged whole first: such streams are replayed from it.
+    echoed: list[str] = []
+    if echo:        # the prompts' texts, off the event loop
+        texts = await asyncio.to_thread(lambda: [llm.tokenizer.decode(p) for p in prompts])
+        echoed = [texts[k // body.n] for k in range(total)]
+
     if body.stream and not moderate_output:
         return StreamingResponse(
             stream_events(state, request, choices, envelope, body, total, prompt_tokens,
-                          logprobs, token_text, arrived, splitter),
+                          logprobs, token_text, arrived, splitter, echoed),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -310,8 +326,9 @@ async def _generate(state: ServerState, request: Request, kind: str, body: Sampl
         text = whole[i]
         lp: dict[str, Any] | None = None
         if logprobs:
+            scores = next((p.prompt_logprobs for p in pieces[i] if p.prompt_logprobs), [])
             lp = (responses.chat_logprobs(pieces[i], token_text) if kind == "chat"
-                  else responses.completion_logprobs(pieces[i], token_text))
+                  else responses.completion_logprobs(pieces[i], token_text, prompt=scores))
         reason, calls = finals[i].finish_reason, None
         if tools is not None:
             text, found = split_answer(llm.tokenizer, tools,
@@ -324,9 +341,8 @@ async def _generate(state: ServerState, request: Request, kind: str, body: Sampl
         verdicts = await _moderate(state, whole, "assistant")
         out = [(refusal_message(v), "content_filter", None, None) if v.flagged else choice
                for v, choice in zip(verdicts, out, strict=True)]
-    if kind == "text" and getattr(body, "echo", False):
-        texts = await asyncio.to_thread(lambda: [llm.tokenizer.decode(p) for p in prompts])
-        out = [(texts[k // body.n] + text, reason, lp, calls)
+    if echoed:
+        out = [(echoed[k] + text, reason, lp, calls)
                for k, (text, reason, lp, calls) in enumerate(out)]
     return reply(envelope, body, out, responses.usage(prompt_tokens, completion_tokens))
 

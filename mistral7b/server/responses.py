@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from mistral7b.generate import StreamPiece
+from mistral7b.generate import PromptToken, StreamPiece
 from mistral7b.tools import ToolCall
 
 TokenText = Callable[[int], str]
@@ -49,19 +49,22 @@ def chat_logprobs(pieces: Sequence[StreamPiece], token_text: TokenText) -> dict[
 
 
 def completion_logprobs(pieces: Sequence[StreamPiece], token_text: TokenText,
-                        text_offset: int = 0) -> dict[str, Any]:
+                        text_offset: int = 0, prompt: Sequence[PromptToken] = ()
+                        ) -> dict[str, Any]:
     """Legacy completions logprobs: parallel lists of tokens, their logprobs, the top
-    alternatives as {token: logprob} and each token's offset in the text."""
+    alternatives as {token: logprob} and each token's offset in the text. `prompt` (echo):
+    the prompt's tokens go first; the first has no logprob and no alternatives (null)."""
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top: list[dict[str, float]] = []
+    token_logprobs: list[float | None] = []
+    top: list[dict[str, float] | None] = []
     offsets: list[int] = []
     offset = text_offset
-    for token_id, logprob, tops in _tokens(pieces):
+    scored = [(t.token_id, t.logprob, t.top) for t in prompt]
+    for i, (token_id, logprob, tops) in enumerate([*scored, *_tokens(pieces)]):
         text = token_text(token_id)
         tokens.append(text)
         token_logprobs.append(logprob)
-        top.append({token_text(t): lp for t, lp in tops})
+        top.append(None if i == 0 and scored else {token_text(t): lp for t, lp in tops})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,

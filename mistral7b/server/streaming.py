@@ -104,12 +104,14 @@ async def collect(state: ServerState, request: Request, choices: Choices, n: int
 async def stream_events(state: ServerState, request: Request, choices: Choices,
                   envelope: responses.Envelope, body: SamplingFields, total: int,
                   prompt_tokens: int, logprobs: bool, token_text: responses.TokenText,
-                  arrived: float, splitter: Callable[[], CallStream | None] = lambda: None
-                  ) -> AsyncIterator[str]:
+                  arrived: float, splitter: Callable[[], CallStream | None] = lambda: None,
+                  echoed: list[str] | None = None) -> AsyncIterator[str]:
     """Server-sent events of `total` choices as the engine produces them. With tools, each
     choice's text streams as it comes and its calls follow as tool-call deltas once they are
-    whole (`splitter` makes each choice's tools.CallStream)."""
+    whole (`splitter` makes each choice's tools.CallStream). echoed: each choice's prompt
+    text, sent (with the prompt's logprobs) in its first chunk."""
     splits = {i: splitter() for i in range(total)}
+    echo = dict(enumerate(echoed or []))
     completion_tokens = 0
     first_token: float | None = None
     last_sent = time.monotonic()
@@ -154,11 +156,14 @@ async def stream_events(state: ServerState, request: Request, choices: Choices,
                     calls = [responses.tool_call(c) for c in found] or None
                     if calls and reason == "stop":
                         reason = "tool_calls"
+            prompt = echo.pop(index, "")
+            text = prompt + text
             lp: dict[str, Any] | None = None
-            if logprobs and piece.token_ids:
+            if logprobs and (piece.token_ids or piece.prompt_logprobs):
                 lp = (responses.chat_logprobs([piece], token_text) if envelope.kind == "chat"
-                      else responses.completion_logprobs([piece], token_text, offsets[index]))
-            offsets[index] += len(piece.text)
+                      else responses.completion_logprobs([piece], token_text, offsets[index],
+                                                         prompt=piece.prompt_logprobs or []))
+            offsets[index] += len(prompt) + len(piece.text)
             if calls:
                 if text or lp:
                     yield sse(envelope.chunk([envelope.choice(index, text, None, lp,
