@@ -514,6 +514,44 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """lm-evaluation-harness tasks on the model (lm_eval_model.py)."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import handle_non_serializable, make_table
+    except ImportError:
+        raise InvalidArgumentError("mistral7b eval needs lm-eval: pip install "
+                                   "'mistral7b[eval]'") from None
+    from mistral7b.lm_eval_model import Mistral7BLM
+
+    for flag, value, least in (("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
+                               ("--num-fewshot", args.num_fewshot, 0)):
+        if value is not None and value < least:
+            raise InvalidArgumentError(f"{flag} must be >= {least} (got {value})")
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = TaskManager(include_path=args.include_path)
+    known = set(tasks.all_tasks)
+    unknown = [n for n in names if n not in known]
+    if not names or unknown:
+        raise InvalidArgumentError(f"--tasks: unknown task {unknown[0]!r} (`lm-eval ls tasks` "
+                                   "lists them; --include-path DIR adds your own YAML tasks)"
+                                   if unknown else "--tasks: give at least one task")
+    llm = _load(args, progress=False)
+    model = Mistral7BLM(llm=llm, batch_size=args.batch_size)
+    results = lm_eval.simple_evaluate(model=model, tasks=names, num_fewshot=args.num_fewshot,
+                                      limit=args.limit, task_manager=tasks,
+                                      apply_chat_template=args.apply_chat_template)
+    if results is None:
+        return 0
+    print(make_table(results))
+    if args.output:
+        Path(args.output).write_text(json.dumps(
+            {k: results[k] for k in ("results", "configs", "versions", "n-shot")
+             if k in results}, indent=2, default=handle_non_serializable))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from mistral7b.default_model import default_model_path
     from mistral7b.server.serve import ServeOptions, serve
@@ -662,6 +700,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="windows scored together (default: 4)")
     ppl.add_argument("--json", action="store_true", help="print JSON")
     ppl.set_defaults(func=cmd_perplexity)
+
+    ev = sub.add_parser("eval", help="lm-evaluation-harness tasks on the model (needs "
+                                      "pip install 'mistral7b[eval]')")
+    _add_model_args(ev)
+    ev.add_argument("--tasks", required=True, metavar="T[,T]",
+                    help="lm-eval task names (e.g. hellaswag,arc_easy)")
+    ev.add_argument("--num-fewshot", type=int, default=None, metavar="K",
+                    help="few-shot examples (default: each task's)")
+    ev.add_argument("--limit", type=int, default=None, metavar="N",
+                    help="at most N items per task")
+    ev.add_argument("--batch-size", type=int, default=8, metavar="B",
+                    help="requests run together through the engine (default: 8)")
+    ev.add_argument("--include-path", default=None, metavar="DIR",
+                    help="a directory of your own lm-eval task YAML files")
+    ev.add_argument("--apply-chat-template", action="store_true",
+                    help="put prompts in the model's chat template")
+    ev.add_argument("--output", default=None, metavar="FILE",
+                    help="also write the results as JSON")
+    ev.set_defaults(func=cmd_eval)
 
     info = sub.add_parser("info", help="describe a model: architecture, window, size, tokenizer")
     _add_model_args(info)

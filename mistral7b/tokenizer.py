@@ -292,9 +292,19 @@ def hf_tokenizer(directory: Path) -> BackendTokenizer:
         name=f"tokenizers {path.name}", backend=backend,
         vocab_size=backend.get_vocab_size(with_added_tokens=True),
         bos_id=bos_id, eos_id=eos_id, eos_ids=frozenset(int(i) for i in eos_ids),
-        add_bos=bool(settings.get("add_bos_token", bos_id is not None)),
+        add_bos=_adds_bos(backend, bos_id, settings.get("add_bos_token")),
         add_eos=bool(settings.get("add_eos_token", False)),
         bos_token=bos_token, eos_token=eos_token, chat_template=find_chat_template(directory))
+
+
+def _adds_bos(backend: Any, bos_id: int | None, configured: Any) -> bool:
+    """Whether a text starts with BOS: `add_bos_token` when the config says, else what the
+    tokenizer.json's own post-processor does (as transformers decides)."""
+    if bos_id is None:
+        return False
+    if configured is not None:
+        return bool(configured)
+    return list(backend.encode("a", add_special_tokens=True).ids[:1]) == [bos_id]
 
 
 class MissingTokenizer:

@@ -131,6 +131,10 @@ def test_prompt_logprobs_with_echo_and_max_tokens_0(srv: Running, llm: mistral7b
     assert [c["choices"][0]["logprobs"] for c in streamed if c["choices"]] == [lp]
     bad = httpx.post(f"{srv.url}/v1/completions", json={**body, "echo": False}, timeout=60)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+    too_long = httpx.post(f"{srv.url}/v1/completions", timeout=60,
+                          json={**body, "prompt": [1] * (llm.config.max_seq_len + 1)})
+    assert too_long.status_code == 400, too_long.text
+    assert too_long.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_completion_stream_and_stop_string(srv: Running, llm: mistral7b.LLM) -> None:
