@@ -516,6 +516,11 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """lm-evaluation-harness tasks on the model (lm_eval_model.py)."""
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if names == ["paper"]:
+        from mistral7b.paper_table import offline_unless_hub_reachable
+
+        offline_unless_hub_reachable()          # before the dataset libraries load
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -529,7 +534,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                ("--num-fewshot", args.num_fewshot, 0)):
         if value is not None and value < least:
             raise InvalidArgumentError(f"{flag} must be >= {least} (got {value})")
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if names == ["paper"]:
+        return _eval_paper(args)
     tasks = TaskManager(include_path=args.include_path)
     known = set(tasks.all_tasks)
     unknown = [n for n in names if n not in known]
@@ -549,6 +555,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(args.output).write_text(json.dumps(
             {k: results[k] for k in ("results", "configs", "versions", "n-shot")
              if k in results}, indent=2, default=handle_non_serializable))
+    return 0
+
+
+def _eval_paper(args: argparse.Namespace) -> int:
+    """`eval --tasks paper`: the paper's table, measured (paper_table.py)."""
+    from mistral7b.lm_eval_model import Mistral7BLM
+    from mistral7b.paper_table import paper_table, run_paper
+
+    llm = _load(args, progress=False)
+    model = Mistral7BLM(llm=llm, batch_size=args.batch_size)
+    rows = run_paper(model, args.limit, args.run_generated_code,
+                     say=lambda line: print(f"mistral7b: {line}", file=sys.stderr, flush=True))
+    name = llm.path.name if llm.path else "model"
+    print(paper_table(rows, name))
+    if args.output:
+        Path(args.output).write_text(json.dumps(
+            [{"benchmark": r.spec.benchmark, "task": r.spec.task, "shots": r.spec.shots,
+              "metric": r.spec.metric, "measured": r.measured, "paper": r.spec.paper,
+              "skipped": r.skipped or None} for r in rows], indent=2))
     return 0
 
 
@@ -705,7 +730,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "pip install 'mistral7b[eval]')")
     _add_model_args(ev)
     ev.add_argument("--tasks", required=True, metavar="T[,T]",
-                    help="lm-eval task names (e.g. hellaswag,arc_easy)")
+                    help="lm-eval task names (e.g. hellaswag,arc_easy), or `paper`: the "
+                         "paper's table with its few-shot settings, beside its scores")
+    ev.add_argument("--run-generated-code", action="store_true",
+                    help="with --tasks paper: also run HumanEval and MBPP, which execute the "
+                         "model's code")
     ev.add_argument("--num-fewshot", type=int, default=None, metavar="K",
                     help="few-shot examples (default: each task's)")
     ev.add_argument("--limit", type=int, default=None, metavar="N",

@@ -167,3 +167,45 @@ def test_the_eval_command(checkpoint: Path, task_dir: Path, tmp_path: Path) -> N
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("mistral7b: error: --tasks: unknown task "
                                          "'no_such_task'"), bad.stderr
+
+
+def test_the_paper_table_lists_every_benchmark_and_why_it_was_skipped(checkpoint: Path,
+                                                                      tmp_path: Path) -> None:
+    """Offline (no dataset hub here), every benchmark is listed as skipped with its reason;
+    the code benchmarks are skipped unless asked for."""
+    import os
+    import subprocess
+    import sys
+
+    from mistral7b.paper_table import PAPER_TASKS
+
+    out = tmp_path / "paper.json"
+    run = subprocess.run([sys.executable, "-m", "mistral7b", "eval", "--model", str(checkpoint),
+                          "--tasks", "paper", "--limit", "1", "--output", str(out)],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr
+    for spec in PAPER_TASKS:
+        assert f"| {spec.benchmark} | {spec.shots} | {spec.task} |" in run.stdout
+        assert f"| {spec.paper:.1f} |" in run.stdout
+    rows = json.loads(out.read_text())
+    assert [r["benchmark"] for r in rows] == [s.benchmark for s in PAPER_TASKS]
+    for row in rows:
+        assert row["measured"] is None and row["skipped"]
+        assert ("generated code" in row["skipped"]) == (row["task"] in ("humaneval", "mbpp"))
+
+
+def test_a_paper_row_reads_its_metric(checkpoint: Path, task_dir: Path) -> None:
+    """The measured path of the paper's table, on the local task standing in for one."""
+    from lm_eval.tasks import TaskManager
+
+    from mistral7b.lm_eval_model import Mistral7BLM
+    from mistral7b.paper_table import PaperTask, paper_table, run_paper
+
+    model = Mistral7BLM(llm=mistral7b.load(checkpoint, progress=False), batch_size=4)
+    local = PaperTask("Local MC", "m7b_mc", 0, "acc,none", 50.0)
+    (row,) = run_paper(model, tasks=[local], manager=TaskManager(include_path=str(task_dir)))
+    expected = evaluate(model, task_dir)["results"]["m7b_mc"]["acc,none"]
+    assert row.skipped == "" and row.measured == pytest.approx(100 * expected)
+    assert f"| Local MC | 0 | m7b_mc | {row.measured:.1f} | 50.0 |" in paper_table([row], "tiny")
