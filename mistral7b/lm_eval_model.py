@@ -22,10 +22,12 @@ context's, so the numbers match lm-eval's `hf` model on the same weights and tok
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (first: lm-eval registers its own models only into an
+import torch
 
 #                                      empty registry, and ours would make it non-empty)
 from lm_eval.api.instance import Instance
@@ -41,6 +43,8 @@ from mistral7b.generate import PromptToken
 from mistral7b.llm import LLM, load
 from mistral7b.sampling import SamplingParams
 
+log = logging.getLogger("mistral7b")
+
 # (context, continuation) as text, then their tokens
 TokenRequest = tuple[tuple[str, str], list[int], list[int]]
 # A prompt scored token by token, with the likeliest token at each place (is it greedy?).
@@ -55,6 +59,10 @@ class Mistral7BLM(TemplateLM):
                  batch_size: int | str = 8, max_length: int | None = None,
                  llm: LLM | None = None, **unused: Any) -> None:
         super().__init__()
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line passes its default device, "cuda:0", to every model
+            log.warning("device %s is not available here: running on the CPU", device)
+            device = "cpu"
         self.llm = llm if llm is not None else load(path, dtype=dtype, device=device,
                                                     progress=False)
         size = str(batch_size)
@@ -214,3 +222,12 @@ class Mistral7BLM(TemplateLM):
             if piece.finish_reason is not None:
                 bar.update(1)
         return list(zip(texts, scores, strict=True))
+
+
+if __name__ == "__main__":
+    # lm-eval's own command line with this model registered (lm-eval 0.4 loads no plugins):
+    #   python -m mistral7b.lm_eval_model run --model mistral7b --model_args path=M --tasks T
+    #       --batch_size 8
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

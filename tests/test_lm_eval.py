@@ -209,3 +209,18 @@ def test_a_paper_row_reads_its_metric(checkpoint: Path, task_dir: Path) -> None:
     expected = evaluate(model, task_dir)["results"]["m7b_mc"]["acc,none"]
     assert row.skipped == "" and row.measured == pytest.approx(100 * expected)
     assert f"| Local MC | 0 | m7b_mc | {row.measured:.1f} | 50.0 |" in paper_table([row], "tiny")
+
+
+def test_lm_evals_own_command_line_with_the_model(checkpoint: Path, task_dir: Path) -> None:
+    """lm-eval's CLI (`python -m mistral7b.lm_eval_model`), with its default device cuda:0
+    on a machine without CUDA: the CPU, with a warning."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "mistral7b.lm_eval_model", "run", "--model",
+                          "mistral7b", "--model_args", f"path={checkpoint}", "--batch_size", "4",
+                          "--tasks", "m7b_mc", "--include_path", str(task_dir), "--limit", "4"],
+                         capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr
+    assert "|m7b_mc|" in run.stdout.replace(" ", "")
