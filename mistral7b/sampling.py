@@ -157,7 +157,7 @@ class Range:
 # The one table of sampling limits: SamplingParams checks every value against it, and the
 # server's request schemas and the CLI (through SamplingParams) accept exactly these ranges.
 RANGES: dict[str, Range] = {
-    "max_tokens": Range(0, integer=True),                   # 0: only with prompt_logprobs
+    "max_tokens": Range(1, integer=True),       # 0 only to score a prompt (prompt_logprobs)
     "temperature": Range(0.0, MAX_TEMPERATURE),
     "top_k": Range(-1, integer=True),                       # 0 and -1 (vLLM's) turn it off
     "top_p": Range(0.0, 1.0, low_inclusive=False),
@@ -166,7 +166,6 @@ RANGES: dict[str, Range] = {
     "presence_penalty": Range(-2.0, 2.0),
     "frequency_penalty": Range(-2.0, 2.0),
     "top_logprobs": Range(0, MAX_TOP_LOGPROBS, integer=True),
-    "prompt_logprobs": Range(0, MAX_TOP_LOGPROBS, integer=True),    # when given
     "logit_bias": Range(-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS),   # each value
 }
 
@@ -211,13 +210,14 @@ class SamplingParams:
     grammar: str | None = None
 
     def __post_init__(self) -> None:
+        scoring = self.prompt_logprobs is not None
         for name, limits in RANGES.items():
-            if name != "logit_bias" and not (name == "prompt_logprobs" and
-                                             self.prompt_logprobs is None):
-                limits.check(name, getattr(self, name))
-        if self.max_tokens == 0 and self.prompt_logprobs is None:
-            raise InvalidSamplingParam("max_tokens must be >= 1 (0 generates nothing: it is "
-                                       "for scoring a prompt, with prompt_logprobs)")
+            if name == "logit_bias" or (name == "max_tokens" and scoring and
+                                        self.max_tokens == 0):    # a prompt scored alone
+                continue
+            limits.check(name, getattr(self, name))
+        if scoring:
+            RANGES["top_logprobs"].check("prompt_logprobs", self.prompt_logprobs)
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)            # off, as 0 is
         if self.seed is not None:

@@ -4,6 +4,7 @@ import dataclasses
 import math
 from collections import Counter
 
+import pydantic
 import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
@@ -468,10 +469,9 @@ def test_the_server_schema_and_sampling_params_share_one_table(name: str) -> Non
     the same values (the CLI builds SamplingParams, so it follows too)."""
     import pydantic
 
-    from mistral7b.server.schemas import CompletionRequest
+    from mistral7b.server.schemas import ChatCompletionRequest
 
     limits = RANGES[name]
-    field = "logprobs" if name == "top_logprobs" else name
     edges = []
     for edge, inclusive, step in ((limits.low, limits.low_inclusive, -1),
                                   (limits.high, limits.high_inclusive, 1)):
@@ -480,7 +480,8 @@ def test_the_server_schema_and_sampling_params_share_one_table(name: str) -> Non
     for value, allowed in edges:
         value = int(value) if limits.integer else value
         try:
-            CompletionRequest(prompt="x", **{field: value})
+            ChatCompletionRequest(messages=[{"role": "user", "content": "x"}],  # type: ignore
+                                  **{name: value})
             server_ok = True
         except pydantic.ValidationError:
             server_ok = False
@@ -490,3 +491,19 @@ def test_the_server_schema_and_sampling_params_share_one_table(name: str) -> Non
         except InvalidSamplingParam:
             api_ok = False
         assert server_ok == api_ok == allowed, (name, value)
+
+
+def test_max_tokens_0_only_scores_a_prompt() -> None:
+    """The one exception to RANGES: max_tokens=0 with prompt_logprobs (the API) or with echo
+    on /v1/completions (the route refuses it without), which score a prompt alone."""
+    from mistral7b.server.schemas import ChatCompletionRequest, CompletionRequest
+
+    assert SamplingParams(max_tokens=0, prompt_logprobs=2).max_tokens == 0
+    with pytest.raises(InvalidSamplingParam, match="max_tokens must be >= 1"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(InvalidSamplingParam, match="prompt_logprobs"):
+        SamplingParams(max_tokens=0, prompt_logprobs=21)
+    assert CompletionRequest(prompt="x", max_tokens=0, echo=True).max_tokens == 0
+    with pytest.raises(pydantic.ValidationError):
+        ChatCompletionRequest(messages=[{"role": "user", "content": "x"}],  # type: ignore
+                              max_tokens=0)

@@ -147,6 +147,9 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(min_length=1)
+    # 0 as well: with echo, the prompt and its logprobs alone (how lm-eval scores); the route
+    # refuses 0 without echo
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
     # legacy API: how many top tokens
     logprobs: Annotated[int, limits("top_logprobs")] | None = None
     echo: bool = False
