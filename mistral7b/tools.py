@@ -31,13 +31,14 @@ import secrets
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from mistral7b.constrained import JSON_OPTIONS, ResponseFormat
 from mistral7b.errors import InvalidArgumentError
 from mistral7b.sampling import SamplingParams
 
 Format = Literal["mistral", "jinja", "generic"]
+_Reason = TypeVar("_Reason", str, str | None)
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"      # a Jinja template's call blocks
 _ID_CHARS = string.ascii_letters + string.digits
 
@@ -244,9 +245,13 @@ class ToolPlan:
         return params
 
 
-def plan_tools(tokenizer: Any, tools: Any, tool_choice: Any) -> ToolPlan:
+def plan_tools(tokenizer: Any, tools: Any, tool_choice: Any) -> ToolPlan | None:
     """Check `tools` and `tool_choice` and decide how `tokenizer`'s format shows and enforces
-    them (see the module docstring)."""
+    them (see the module docstring); None without tools (then tool_choice must be absent)."""
+    if tools is None:
+        if tool_choice is not None:
+            raise InvalidArgumentError("tool_choice: needs tools")
+        return None
     spec = check_tools(tools)
     choice = check_tool_choice(tool_choice, spec)
     kind = tool_format(tokenizer)
@@ -355,6 +360,12 @@ class CallStream:
         calls = [] if self.state == "text" else parse_calls(self.tokenizer, self.ids,
                                                             self.text)
         return ("" if calls else self._show(len(self.text))), calls
+
+
+def with_calls(finish_reason: _Reason, calls: Sequence[ToolCall]) -> _Reason:
+    """An answer that ended on its own ("stop") with calls ends with "tool_calls", as in
+    OpenAI's API; one cut by max_tokens stays "length"."""
+    return "tool_calls" if calls and finish_reason == "stop" else finish_reason
 
 
 def split_answer(tokenizer: Any, plan: ToolPlan, token_ids: Sequence[int], text: str

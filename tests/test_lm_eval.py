@@ -12,48 +12,12 @@ import pytest
 
 import mistral7b
 from tests.conftest import make_hf_mistral, save_hf
-
-DATA = Path(__file__).parent / "data" / "lm_eval"
-
-TASKS = {
-    "m7b_mc": f"""task: m7b_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {DATA / "multiple_choice.jsonl"}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-""",
-    "m7b_gen": f"""task: m7b_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {DATA / "generation.jsonl"}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{question}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 8
-  do_sample: false
-metric_list:
-  - metric: exact_match
-""",
-}
+from tests.lm_eval_tasks import TASKS, write_tasks
 
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tasks")
-    for name, yaml in TASKS.items():
-        (directory / f"{name}.yaml").write_text(yaml)
-    return directory
+    return write_tasks(tmp_path_factory.mktemp("tasks"))
 
 
 def with_default_tokenizer(directory: Path, window: int | None) -> Path:

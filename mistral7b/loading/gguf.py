@@ -56,13 +56,18 @@ def read_gguf(path: Path, dequantize: bool = False
     return config, tensors, metadata
 
 
+def _blocks(gguf: GGUFFile, tensor: TensorInfo) -> np.ndarray[Any, Any]:
+    """The tensor's bytes as (rows, row_bytes), a read-only view of the memory map. F16 comes
+    back as float16 numbers: its bytes are kept, (rows, 2 * cols)."""
+    data = gguf.tensor_data(tensor)
+    rows = data.shape[0] if data.ndim > 1 else 1
+    return data.view(np.uint8).reshape(rows, -1)
+
+
 def _packed_reader(gguf: GGUFFile, tensor: TensorInfo) -> Callable[[], torch.Tensor]:
     def read() -> torch.Tensor:
         # A copy: the memory map is read-only, and the copy leaves the file free to close.
-        # F16 comes back as float16 numbers: keep its bytes, (rows, 2 * cols).
-        data = gguf.tensor_data(tensor)
-        rows = data.shape[0] if data.ndim > 1 else 1
-        return torch.from_numpy(np.array(data.view(np.uint8).reshape(rows, -1), copy=True))
+        return torch.from_numpy(np.array(_blocks(gguf, tensor), copy=True))
 
     return read
 
@@ -70,9 +75,7 @@ def _packed_reader(gguf: GGUFFile, tensor: TensorInfo) -> Callable[[], torch.Ten
 def _part_reader(gguf: GGUFFile, tensor: TensorInfo) -> Callable[[int, int, int], torch.Tensor]:
     def read_part(dim: int, start: int, stop: int) -> torch.Tensor:
         """Rows or byte columns [start, stop) of the blocks: only those pages of the map."""
-        data = gguf.tensor_data(tensor)
-        rows = data.shape[0] if data.ndim > 1 else 1
-        blocks = data.view(np.uint8).reshape(rows, -1)
+        blocks = _blocks(gguf, tensor)
         part = blocks[start:stop] if dim == 0 else blocks[:, start:stop]
         return torch.from_numpy(np.array(part, copy=True))
 

@@ -44,7 +44,7 @@ from mistral7b.server.schemas import (
 )
 from mistral7b.server.state import ServerState, ready
 from mistral7b.server.streaming import Answer, Choices, collect, reply, stream_events
-from mistral7b.tools import CallStream, ToolPlan, plan_tools, split_answer
+from mistral7b.tools import CallStream, ToolPlan, plan_tools, split_answer, with_calls
 
 log = logging.getLogger("mistral7b")
 
@@ -132,11 +132,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         llm, _ = ready(state)
         _check_model(state, body.model)
-        plan = None
-        if body.tools is not None:
-            plan = plan_tools(llm.tokenizer, body.tools, body.tool_choice)
-        elif body.tool_choice is not None:
-            raise APIError(400, "tool_choice: needs tools", param="tool_choice")
+        plan = plan_tools(llm.tokenizer, body.tools, body.tool_choice)
         messages = _messages(body.messages)
         if body.safe_prompt or state.safe_prompt:
             messages = with_safety_prompt(messages)
@@ -278,9 +274,8 @@ async def _generate(state: ServerState, request: Request, kind: str, body: Sampl
     limit = body.token_limit()
     total = len(prompts) * body.n
     prompt_tokens = sum(len(p) for p in prompts)
+    # (top_logprobs is 0 without logprobs: max_tokens 0 alone still scores the prompt)
     scored = top_logprobs if echo and (logprobs or limit == 0) else None
-    if echo and limit == 0 and scored is None:
-        scored = 0
     requests = [(prompt, sampling_params(body, limit, len(prompt), llm.config.max_seq_len,
                                          logprobs, top_logprobs, j, scored))
                 for prompt in prompts for j in range(body.n)]
@@ -334,8 +329,7 @@ async def _generate(state: ServerState, request: Request, kind: str, body: Sampl
             text, found = split_answer(llm.tokenizer, tools,
                                        [t for p in pieces[i] for t in p.token_ids], text)
             calls = [responses.tool_call(c) for c in found] or None
-            if calls and reason == "stop":
-                reason = "tool_calls"
+            reason = with_calls(reason, found)
         out.append((text, reason, lp, calls))
     if moderate_output:
         verdicts = await _moderate(state, whole, "assistant")

@@ -25,7 +25,7 @@ from mistral7b.server import responses
 from mistral7b.server.middleware import report_usage
 from mistral7b.server.schemas import SamplingFields
 from mistral7b.server.state import ServerState
-from mistral7b.tools import CallStream
+from mistral7b.tools import CallStream, with_calls
 
 # (text, finish_reason, logprobs, tool calls in OpenAI's shape or None)
 Answer = tuple[str, str | None, dict[str, Any] | None, list[dict[str, Any]] | None]
@@ -154,8 +154,7 @@ async def stream_events(state: ServerState, request: Request, choices: Choices,
                     rest, found = split.finish()
                     text += rest
                     calls = [responses.tool_call(c) for c in found] or None
-                    if calls and reason == "stop":
-                        reason = "tool_calls"
+                    reason = with_calls(reason, found)
             prompt = echo.pop(index, "")
             text = prompt + text
             lp: dict[str, Any] | None = None
