@@ -136,6 +136,52 @@ def test_each_row_gets_the_same_bits_whatever_the_batch(fmt: str) -> None:
         assert torch.equal(together[list(rows)], alone)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_prefill_kernel_matches_the_float_reference_whatever_the_batch(fmt: str) -> None:
+    """csrc/prefill.cpp: float32 products of the dequantized weights, each row computed alone
+    (tiles of 4 rows x 3 weight rows, panels of weight rows shared by the threads)."""
+    ext = kernels.extension()
+    if ext is None:
+        pytest.skip("the AVX2 extension is not available on this machine")
+    ggml = FORMATS_BY_NAME[fmt].ggml_type
+    # K = 257 leaves 16-bit float rows a tail of one value past the 8-wide vectors;
+    # N = 31 ends on a partial tile, 100 spans several panels with a partial last one.
+    k_values = [256, 257] if fmt in ("F16", "BF16") else [256, 512]
+    for n, k in [(31, k_values[0]), (100, k_values[1])]:
+        raw, weight = packed_weight(fmt, n, k, seed=n)
+        x = torch.randn(23, k, generator=torch.Generator().manual_seed(k))
+        together = ext.prefill_matmul(x, raw, ggml)
+        reference = x.double() @ weight.double().T
+        assert relative_error(together.double(), reference) < 1e-5
+        for rows in ([0], [5, 6, 7], list(range(3, 20))):
+            assert torch.equal(ext.prefill_matmul(x[rows], raw, ggml), together[rows])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert torch.equal(ext.prefill_matmul(x, raw, ggml), together)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def test_decode_steps_always_take_the_integer_kernel() -> None:
+    """A decode batch of any size keeps each row's bits (the integer kernel); a pre-fill chunk
+    of more than PREFILL_INT_MAX_ROWS rows takes the pre-fill kernel."""
+    ext = kernels.extension()
+    if ext is None:
+        pytest.skip("the AVX2 extension is not available on this machine")
+    raw, _ = packed_weight("Q4_1", 40, 256)
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    integer, prefill = ext.qmatmul(x, raw, Q.Q4_1), ext.prefill_matmul(x, raw, Q.Q4_1)
+    assert not torch.equal(integer, prefill)
+    layer = QuantLinear(256, 40, "Q4_1")
+    layer.weight = raw
+    assert torch.equal(layer(x[:, None]), integer[:, None])           # 64 sequences, 1 token
+    assert torch.equal(layer(x), integer)                             # (B, dim): a decode batch
+    assert torch.equal(layer(x[None]), prefill[None])                 # one sequence, 64 tokens
+    small = kernels.PREFILL_INT_MAX_ROWS
+    assert torch.equal(layer(x[None, :small]), integer[None, :small])
+
+
 def test_kernels_reject_shapes_that_are_not_whole_blocks() -> None:
     ext = kernels.extension()
     if ext is None:
@@ -192,7 +238,7 @@ def test_bfloat16_prefill_stays_close_to_the_float_path(both) -> None:
     packed, dequantized = both
     prompt = "Mistral 7B uses grouped-query attention and a sliding window of 4096 tokens. " * 5
     ids = packed.tokenizer.encode(prompt)
-    assert len(ids) > kernels.INT8_MAX_ROWS            # pre-fill takes the BLAS matmul
+    assert len(ids) > kernels.PREFILL_INT_MAX_ROWS     # pre-fill takes the many-row matmul
     reference = dequantized.logits(ids)
     kwargs = dict(max_tokens=16, temperature=0, ignore_eos=True)
     packed.model.set_prefill_dtype(torch.bfloat16)

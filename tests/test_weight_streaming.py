@@ -16,6 +16,7 @@ import torch
 
 import mistral7b
 from mistral7b.quant import hugepages, kernels, repack
+from mistral7b.quant.formats import FORMATS as FORMATS_BY_NAME
 from mistral7b.quant.formats import dequantize
 from mistral7b.quant.hugepages import HUGE_PAGE, arena, move_packed_weights
 from mistral7b.quant.modules import QuantLinear
@@ -138,6 +139,10 @@ def test_repacked_kernels_match_the_float_reference_and_batching(ext: object, fm
             ours = kernels.linear(x[:m], packed, fmt)
             reference = x[:m] @ weight.T
             assert relative_error(ours, reference) < 2e-4, (n, m)
+        # The pre-fill kernel reads the x8 layout to the same floats as the GGUF order.
+        base_type, x8_type = FORMATS_BY_NAME[base].ggml_type, FORMATS_BY_NAME[fmt].ggml_type
+        assert torch.equal(ext.prefill_matmul(x, packed, x8_type),  # type: ignore[attr-defined]
+                           ext.prefill_matmul(x, raw, base_type))  # type: ignore[attr-defined]
         ext.set_prefetch_bytes(0)  # type: ignore[attr-defined]
         alone = [kernels.linear(x[i:i + 1], packed, fmt) for i in range(6)]
         for distance in (0, 4096):

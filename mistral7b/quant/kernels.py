@@ -30,14 +30,19 @@ log = logging.getLogger("mistral7b")
 FAST_FORMATS = {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16",
                 "Q4_0x8", "Q4_1x8", "Q8_0x8"}
 
-# Up to this many rows of x, the integer kernel (16-bit activations); above it, dequantize the
-# weight once and let the BLAS matmul do the work. The cross-over, measured on the default
-# model (2 threads, pre-fill of N tokens): at 24 / 32 / 48 rows the integer kernel takes 47 / 61 /
-# 93 ms against 73 / 81 / 98 ms, at 64 / 96 rows 123 / 182 ms against 116 / 165 ms.
-INT8_MAX_ROWS = 48
+# Which kernel multiplies x by a packed matrix. Decode (one new token per sequence): always the
+# integer kernel (16-bit activations), which computes each row alone, so a sequence's numbers
+# never depend on the batch. Pre-fill chunks (several tokens of one sequence, whose size the
+# engine keeps fixed whatever the load): the integer kernel up to PREFILL_INT_MAX_ROWS rows,
+# above it the float32 pre-fill kernel (csrc/prefill.cpp), which dequantizes a few weight rows at
+# a time into cache. The cross-over, measured on the default model's 120 layer matmuls (2
+# threads, AMD EPYC Zen 3, ms, integer / pre-fill kernel): 8 rows 33.1 / 39.4, 12: 48.4 / 50.0,
+# 16: 64.9 / 62.6, 24: 98.3 / 84.4, 48: 156.5 / 99.0, 64: 273.6 / 174.8.
+PREFILL_INT_MAX_ROWS = 16
 
 CSRC = Path(__file__).parent / "csrc"
-KERNEL_FILES = [CSRC / name for name in ("kernels.h", "qmatmul.cpp", "decode.cpp", "bindings.cpp")]
+KERNEL_FILES = [CSRC / name for name in ("kernels.h", "qmatmul.cpp", "prefill.cpp", "decode.cpp",
+                                        "bindings.cpp")]
 KERNEL_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 KERNEL_LDFLAGS = ["-fopenmp"]
 
@@ -89,14 +94,18 @@ def dequantize_rows(raw: torch.Tensor, fmt: str) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, raw: torch.Tensor, fmt: str,
-           blas_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+           blas_dtype: torch.dtype = torch.float32, decode: bool = False) -> torch.Tensor:
     """x (M, K) float32 @ W.T for W stored as (N, row_bytes) blocks of `fmt`; (M, N) float32.
 
-    blas_dtype: the dtype of the BLAS matmul used above INT8_MAX_ROWS rows (pre-fill). bfloat16
-    is ~2.5x faster on CPUs with AVX512-BF16 or AMX, at a cost in accuracy (see README)."""
+    decode: x holds one token per sequence (a decode step), so the integer kernel runs whatever
+    M is. blas_dtype: bfloat16 makes pre-fill chunks of more than PREFILL_INT_MAX_ROWS rows
+    dequantize the weight and run a bfloat16 BLAS matmul, ~2.5x faster on CPUs with AVX512-BF16
+    or AMX, at a cost in accuracy (see README)."""
     ext = extension() if fmt in FAST_FORMATS and x.device.type == "cpu" else None
-    if ext is not None and x.shape[0] <= INT8_MAX_ROWS:
+    if ext is not None and (decode or x.shape[0] <= PREFILL_INT_MAX_ROWS):
         return ext.qmatmul(x, raw, FORMATS[fmt].ggml_type)
+    if ext is not None and blas_dtype == torch.float32:
+        return ext.prefill_matmul(x, raw, FORMATS[fmt].ggml_type)
     weight = dequantize_rows(raw, fmt)
     if blas_dtype == torch.float32:
         return F.linear(x, weight)

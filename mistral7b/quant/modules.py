@@ -13,6 +13,12 @@ from mistral7b.quant import kernels
 from mistral7b.quant.formats import FORMATS
 
 
+def one_token_per_row(x: torch.Tensor) -> bool:
+    """Whether activations (B, dim) or (B, T, dim) hold one token per sequence: a decode step,
+    or the last positions' head after a pre-fill."""
+    return x.dim() < 3 or x.shape[-2] == 1
+
+
 class QuantLinear(nn.Module):
     weight: torch.Tensor
 
@@ -29,7 +35,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         y = kernels.linear(flat if flat.dtype == torch.float32 else flat.float(), self.weight,
-                           self.fmt, self.prefill_dtype)
+                           self.fmt, self.prefill_dtype, decode=one_token_per_row(x))
         y = y.view(*x.shape[:-1], self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
@@ -59,7 +65,7 @@ class QuantEmbedding(nn.Module):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.embedding_dim).float()
-        y = kernels.linear(flat, self.weight, self.fmt)
+        y = kernels.linear(flat, self.weight, self.fmt, decode=one_token_per_row(x))
         return y.reshape(*x.shape[:-1], self.num_embeddings)
 
     def extra_repr(self) -> str:

@@ -2,6 +2,8 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "x @ dequantize(w).T with 16-bit activations (AVX2)");
+  m.def("prefill_matmul", &prefill_matmul,
+        "x @ dequantize(w).T in float32, dequantizing a few rows at a time (pre-fill)");
   m.def("dequantize", &dequantize,
         "dequantize Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/F16/BF16 rows to float32");
   m.def("prefetch_bytes", &prefetch_bytes, "how far ahead the matmuls prefetch weights (bytes)");

@@ -1,5 +1,6 @@
 // What the C++ files of the extension share. qmatmul.cpp: the quantized matmul and dequantize
-// kernels; decode.cpp: one whole decode step; bindings.cpp: the Python module.
+// kernels; prefill.cpp: the float32 matmul for many rows (pre-fill); decode.cpp: one whole
+// decode step; bindings.cpp: the Python module.
 #pragma once
 
 #include <torch/extension.h>
@@ -33,7 +34,24 @@ void qmatmul_into(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_
 // Checks that w is a contiguous (N, row_bytes) uint8 tensor holding rows of K values of `type`.
 void check_weight(const torch::Tensor& w, int64_t K, int64_t type, const char* what);
 
+// Rows [n0, n1) of w (rows of row_bytes bytes holding K values of `type`) as float32, row n0
+// at out, row n at out + (n - n0) * K.
+void dequantize_rows_into(const uint8_t* w, int64_t row_bytes, int64_t type, int64_t K,
+                          int64_t n0, int64_t n1, float* out);
+
+// x (M, K) float32 and w (N, row_bytes) uint8 in ggml `type`, checked (errors name `what`);
+// returns y (M, N) float32 filled by `into`.
+using MatmulInto = void (*)(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
+                            int64_t row_bytes, int64_t type, float* y);
+torch::Tensor matmul_tensor(torch::Tensor x, torch::Tensor w, int64_t type, const char* what,
+                            MatmulInto into);
+
 torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t type);
+
+// prefill.cpp: y (M, N) = x (M, K) @ dequantize(w).T in float32, for many rows of x.
+void prefill_matmul_into(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
+                         int64_t row_bytes, int64_t type, float* y);
+torch::Tensor prefill_matmul(torch::Tensor x, torch::Tensor w, int64_t type);
 torch::Tensor dequantize(torch::Tensor w, int64_t type);
 
 torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& norms,
