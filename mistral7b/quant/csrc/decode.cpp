@@ -167,7 +167,19 @@ void attend_group(const float* q, int64_t G, const C* K, const C* V, const bool*
   }
 }
 
-inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+// out[i] = silu(g[i]) * u[i], silu(g) = g / (1 + e^-g); eight at a time with exp8 (std::exp,
+// one value at a time, took ~12 us of each layer of the default model).
+void silu_mul(const float* g, const float* u, int64_t n, float* out) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)),
+                                            _mm256_loadu_ps(u + i)));
+  }
+  for (; i < n; i++) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
 
 }  // namespace
 
@@ -273,7 +285,7 @@ torch::Tensor decode_layers_impl(torch::Tensor x, const std::vector<torch::Tenso
     matmul(a.data(), dim, 4 * l + 2, gate_up.data());
     for (int64_t b = 0; b < B; b++) {
       const float* g = gate_up.data() + b * 2 * hidden;
-      for (int64_t i = 0; i < hidden; i++) a[b * hidden + i] = silu(g[i]) * g[hidden + i];
+      silu_mul(g, g + hidden, hidden, a.data() + b * hidden);
     }
     matmul(a.data(), hidden, 4 * l + 3, proj.data());
     residual_add();
