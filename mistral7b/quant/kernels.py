@@ -35,9 +35,10 @@ FAST_FORMATS = {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16",
 # never depend on the batch. Pre-fill chunks (several tokens of one sequence, whose size the
 # engine keeps fixed whatever the load): the integer kernel up to PREFILL_INT_MAX_ROWS rows,
 # above it the float32 pre-fill kernel (csrc/prefill.cpp), which dequantizes a few weight rows at
-# a time into cache. The cross-over, measured on the default model's 120 layer matmuls (2
-# threads, AMD EPYC Zen 3, ms, integer / pre-fill kernel): 8 rows 33.1 / 39.4, 12: 48.4 / 50.0,
-# 16: 64.9 / 62.6, 24: 98.3 / 84.4, 48: 156.5 / 99.0, 64: 273.6 / 174.8.
+# a time into cache. The cross-over lies between 8 and 16 rows on the AMD EPYC (Zen 3, 2
+# threads; benchmarks/prefill_matmul.py on the default model's 120 layer matrices, ms, integer /
+# pre-fill kernel): 8 rows 33.1 / 39.4, 12: 48.4 / 50.0, 16: 64.9 / 62.6, 24: 98.3 / 84.4 in one
+# run; 8 rows 28.7 / 28.7, 12: 42.1 / 36.0, 16: 55.6 / 41.3 in another.
 PREFILL_INT_MAX_ROWS = 16
 
 CSRC = Path(__file__).parent / "csrc"
