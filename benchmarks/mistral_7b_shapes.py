@@ -1,7 +1,7 @@
-"""Mistral 7B's exact shapes with random Q4_0 weights: peak memory and decode speed.
+"""Mistral 7B's exact shapes with random Q4_0 weights: peak memory, decode and pre-fill speed.
 
     .venv/bin/python benchmarks/mistral_7b_shapes.py [--tokens 16] [--context 0] [--json]
-        [--no-fused]
+        [--no-fused] [--prefill 128]
     .venv/bin/torchrun --nproc-per-node 2 benchmarks/mistral_7b_shapes.py ...   # split in 2
 
 Under torchrun each rank builds only its share of the model (tensor_parallel.py) and rank 0
@@ -29,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mistral7b import tensor_parallel as tp
-from mistral7b.bench import cpu_name, time_decode_at
+from mistral7b.bench import cpu_name, time_decode_at, time_prefill
 from mistral7b.config import ModelConfig
 from mistral7b.llm import LLM
 from mistral7b.model import Transformer
@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=0, help="positions already cached")
     parser.add_argument("--kv-cache-dtype", choices=["float32", "float16"], default="float32")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--prefill", type=int, default=0,
+                        help="also time the pre-fill of this many tokens")
     parser.add_argument("--no-fused", action="store_true",
                         help="one process: decode layer by layer (as a split model does)")
     args = parser.parse_args()
@@ -122,6 +124,7 @@ def main() -> None:
     reduce = llm.model.tensor_parallel.reduce if llm.model.tensor_parallel else None
     before = reduce.seconds if reduce else 0.0
     speed, cache_bytes = time_decode_at(llm, args.context, args.tokens)
+    prefill = round(time_prefill(llm, args.prefill, 0), 2) if args.prefill else None
     allreduce_s = (reduce.seconds - before) if reduce else 0.0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB
     result = {"world_size": world, "fused_decode": llm.model.fused_decode,
@@ -129,6 +132,7 @@ def main() -> None:
               "weights_gib_per_rank": round(weights / 2**30, 2), "build_s": round(build_s, 1),
               "context": args.context, "kv_cache_dtype": args.kv_cache_dtype,
               "decode_tokens_per_s": round(speed, 2),
+              "prefill_tokens": args.prefill, "prefill_tokens_per_s": prefill,
               # all-reduces of the timed steps and the warm-up step
               "allreduce_ms_per_token": round(allreduce_s * 1e3 / (args.tokens + 1), 2),
               "allreduce_calls_per_token": 2 * llm.config.n_layers if shard else 0,
