@@ -665,6 +665,22 @@ void half_rows(const uint16_t* w, int64_t K, const float* x, int64_t M, float* y
 }
 
 
+// One row of a K-quant (n_blocks blocks of 256 values) dequantized into out.
+template <int64_t TYPE>
+void dequantize_row_k(const uint8_t* row, int64_t n_blocks, float* out) {
+  for (int64_t b = 0; b < n_blocks; b++) {
+    dequantize_k_block<TYPE>(row + b * kBlockBytes<TYPE>, out + b * QK_K);
+  }
+}
+
+// One row of K 16-bit floats converted into out.
+template <bool BF16>
+void dequantize_row_half(const uint16_t* row, int64_t K, float* out) {
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) _mm256_storeu_ps(out + k, load8_half<BF16>(row + k));
+  for (; k < K; k++) out[k] = half_scalar<BF16>(row[k]);
+}
+
 }  // namespace
 
 int64_t prefetch_bytes() { return g_prefetch_bytes.load(std::memory_order_relaxed); }
@@ -757,26 +773,11 @@ void dequantize_rows_into(const uint8_t* wp, int64_t row_bytes, int64_t type, in
       case Q8_0_X8: dequantize_row_32<Q8_0, true>(wp, row_bytes, n_blocks, n, o); break;
       case Q4_0_X8: dequantize_row_32<Q4_0, true>(wp, row_bytes, n_blocks, n, o); break;
       case Q4_1_X8: dequantize_row_32<Q4_1, true>(wp, row_bytes, n_blocks, n, o); break;
-      case Q4_K: case Q5_K: case Q6_K:
-        for (int64_t b = 0; b < n_blocks; b++) {
-          const uint8_t* blk = row + b * block_bytes(type);
-          if (type == Q4_K) dequantize_k_block<Q4_K>(blk, o + b * QK_K);
-          else if (type == Q5_K) dequantize_k_block<Q5_K>(blk, o + b * QK_K);
-          else dequantize_k_block<Q6_K>(blk, o + b * QK_K);
-        }
-        break;
-      case F16: case BF16: {
-        const auto* h = reinterpret_cast<const uint16_t*>(row);
-        int64_t k = 0;
-        if (type == BF16) {
-          for (; k + 8 <= K; k += 8) _mm256_storeu_ps(o + k, load8_half<true>(h + k));
-          for (; k < K; k++) o[k] = half_scalar<true>(h[k]);
-        } else {
-          for (; k + 8 <= K; k += 8) _mm256_storeu_ps(o + k, load8_half<false>(h + k));
-          for (; k < K; k++) o[k] = half_scalar<false>(h[k]);
-        }
-        break;
-      }
+      case Q4_K: dequantize_row_k<Q4_K>(row, n_blocks, o); break;
+      case Q5_K: dequantize_row_k<Q5_K>(row, n_blocks, o); break;
+      case Q6_K: dequantize_row_k<Q6_K>(row, n_blocks, o); break;
+      case F16: dequantize_row_half<false>(reinterpret_cast<const uint16_t*>(row), K, o); break;
+      case BF16: dequantize_row_half<true>(reinterpret_cast<const uint16_t*>(row), K, o); break;
       default: TORCH_CHECK(false, "dequantize: unsupported ggml type ", type);
     }
   }
