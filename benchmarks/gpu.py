@@ -11,8 +11,12 @@ as a Hugging Face directory, with transformers itself, then measures in one run:
 - mistral7b: load time and peak memory during the load, pre-fill of one long prompt, and greedy
   decode at 1, 16 and 64 streams through the serving engine (CUDA-graph decode steps), plus
   batch 1 without them (the plain step) for comparison;
-- where a decode step's time goes: the graph step alone (no engine) at 1 and 16 rows, and the
-  eager batch-1 step's kernels by device time (matmuls against the rest, kernels per step);
+- where a decode step's time goes: the graph step alone (no engine) at 1 and 16 rows and at a
+  4096-token context, and the eager batch-1 step's kernels by device time (matmuls against the
+  rest, kernels per step);
+- the decode step's Triton kernels (gpu_decode.py) against the plain layers: the largest logit
+  difference over 32 teacher-forced steps in bfloat16, and the same speeds with the plain layers
+  (`model.fused_decode = False`), in the same run;
 - the calls that make the host wait for the device while the engine decodes (there should be
   none but the wait for each step's tokens: the engine queues the next step before it waits);
 - ratios, and the % of the ceiling batch-1 decode reaches.
@@ -179,6 +183,7 @@ def step_breakdown(llm: mistral7b.LLM, context: int, steps: int = 16) -> dict[st
 
     graph_tok_s = time_decode(llm, 64, context, 1)
     graph_b16_tok_s = time_decode(llm, 32, context, 16)
+    graph_long_tok_s = time_decode(llm, 32, 4096, 1)
     cache = RollingCache(llm.config, rows=2, dtype=llm.cache_dtype, device=llm.device)
     decoder = StaticDecoder(llm.model, cache, cuda_graphs=False)    # eager: kernels visible
     decoder.step([0], [1])
@@ -205,10 +210,55 @@ def step_breakdown(llm: mistral7b.LLM, context: int, steps: int = 16) -> dict[st
             "graph_step_ms": round(1000 / graph_tok_s, 3),
             "graph_step_b16_tok_s": round(graph_b16_tok_s, 1),
             "graph_step_b16_ms": round(16000 / graph_b16_tok_s, 3),
+            "graph_step_context_4096_tok_s": round(graph_long_tok_s, 1),
             "eager_device_ms_per_step": round(sum(kernels.values()), 3),
             "eager_matmul_ms_per_step": round(matmul, 3),
             "eager_kernels_per_step": round(launches / steps),
             "top_kernels_ms": {name[:80]: round(ms, 4) for name, ms in top}}
+
+
+def fused_against_plain(llm: mistral7b.LLM, prompt_len: int, steps: int = 32
+                        ) -> dict[str, Any]:
+    """Graph decode steps with the Triton kernels against the plain layers, fed the same tokens
+    (the plain run's greedy ones): the largest logit difference, the logits' scale, and how often
+    the two pick the same greedy token."""
+    from mistral7b.generate import prefill
+    from mistral7b.static_decode import StaticDecoder
+
+    model = llm.model
+    prompt = torch.randint(3, 1000, (prompt_len,)).tolist()
+    runs: dict[bool, list[torch.Tensor]] = {}
+    forced: list[int] = []
+    try:
+        for fused in (False, True):
+            model.fused_decode = fused
+            cache = RollingCache(llm.config, rows=2, dtype=llm.cache_dtype, device=llm.device)
+            decoder = StaticDecoder(model, cache)
+            token = int(prefill(model, cache, [0], [prompt], prompt_len)[0].argmax())
+            runs[fused] = []
+            for i in range(steps):
+                if not fused:
+                    forced.append(token)
+                logits = decoder.step([0], [forced[i]])[0].float().cpu()
+                runs[fused].append(logits)
+                token = int(logits.argmax())
+    finally:
+        model.fused_decode = True
+    plain, fused_logits = torch.stack(runs[False]), torch.stack(runs[True])
+    same = (plain.argmax(-1) == fused_logits.argmax(-1)).float().mean().item()
+    diff = (plain - fused_logits).abs().max().item()
+    return {"steps": steps, "max_abs_logit_diff": round(diff, 4),
+            "max_abs_logit": round(plain.abs().max().item(), 2),
+            "same_greedy_token": round(same, 3)}
+
+
+def plain_layers(llm: mistral7b.LLM, fn: Callable[[], Any]) -> Any:
+    """fn() with the decode step's Triton kernels off (the plain PyTorch layers)."""
+    llm.model.fused_decode = False
+    try:
+        return fn()
+    finally:
+        llm.model.fused_decode = True
 
 
 def host_syncs(llm: mistral7b.LLM, prompt_len: int, new: int = 32) -> dict[str, Any]:
@@ -332,13 +382,19 @@ def main() -> None:
     section(results, out, f"prefill_{prefill_len}_tok_s",
             lambda: round(statistics.median(
                 [time_prefill(llm, prefill_len, 0) for _ in range(4)][1:]), 0))
+    section(results, out, "fused_against_plain", lambda: fused_against_plain(llm, prompt_len))
     section(results, out, "step_breakdown", lambda: step_breakdown(llm, prompt_len))
+    section(results, out, "step_breakdown_plain_layers", lambda: plain_layers(
+        llm, lambda: step_breakdown(llm, prompt_len)))
     section(results, out, "host_syncs", lambda: host_syncs(llm, prompt_len))
     section(results, out, "decode_b1_plain_step", lambda: time_engine(
         llm, 1, prompt_len, new, static=False))
     for b in streams:
         section(results, out, f"decode_b{b}", lambda b=b: time_engine(
             llm, b, prompt_len, new, static=True))
+    for b in [b for b in streams if b <= 16]:
+        section(results, out, f"decode_b{b}_plain_layers", lambda b=b: plain_layers(
+            llm, lambda: time_engine(llm, b, prompt_len, new, static=True)))
     for b in streams if args.compile else []:
         if time.perf_counter() - started > args.time_limit:
             results.setdefault("skipped", []).append(f"decode_b{b}_compiled (time limit)")
@@ -378,6 +434,10 @@ def summarise(results: dict[str, Any], streams: list[int]) -> None:
         entry = results.get(f"decode_b{b}_compiled") or {}
         if entry:
             rows.append((f"compiled, {b} streams (tok/s)", entry.get("decode_tok_s")))
+    for b in streams:
+        entry = results.get(f"decode_b{b}_plain_layers") or {}
+        if entry:
+            rows.append((f"plain layers, {b} streams (tok/s)", entry.get("decode_tok_s")))
     plain = results.get("decode_b1_plain_step") or {}
     rows.append(("decode b1, plain step", plain.get("decode_tok_s")))
     rows += [("transformers b1", hf1), ("transformers b16", hf16),

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral7b import fused_decode
+from mistral7b import fused_decode, gpu_decode
 from mistral7b.cache import CacheStep, RollingCache
 from mistral7b.config import ModelConfig
 from mistral7b.quant.modules import QuantEmbedding, QuantLinear
@@ -180,8 +180,9 @@ class Transformer(nn.Module):
         # Tied models (many Llama-family ones) reuse the embedding matrix as the output head.
         self.output: nn.Module | None = (
             None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False))
-        # Decode steps of packed models run as one C++ call (fused_decode.py); False forces the
-        # Python layers (benchmarks and tests compare the two).
+        # Decode steps run fused: packed models on the CPU as one C++ call (fused_decode.py),
+        # half-precision models on CUDA through a few Triton kernels (gpu_decode.py). False
+        # forces the Python layers (benchmarks and tests compare the two).
         self.fused_decode = True
         self._decode_weights: fused_decode.DecodeWeights | None = None
         self._decode_weights_known = False
@@ -246,9 +247,12 @@ class Transformer(nn.Module):
         static_decode.py plans it on the device."""
         rotations = rope_rotations(step.positions, self.config.head_dim, self.config.rope_theta)
         h = self.tok_embeddings(tokens)                                  # (B, T, dim)
-        plan = self._fused_decode_plan() if tokens.shape[1] == 1 else None
-        if plan is not None and fused_decode.can_run(cache, h):
-            return fused_decode.decode_layers(self, plan, h, cache, step, rotations)
+        if tokens.shape[1] == 1:
+            plan = self._fused_decode_plan()
+            if plan is not None and fused_decode.can_run(cache, h):
+                return fused_decode.decode_layers(self, plan, h, cache, step, rotations)
+            if gpu_decode.can_run(self, cache, step, h):
+                return gpu_decode.decode_layers(self, h, cache, step, rotations)
         for i, layer in enumerate(self.layers):
             h = layer(h, rotations, cache, i, step)
         return h

@@ -1,0 +1,187 @@
+"""The Triton decode kernels (gpu_decode.py, gpu_kernels.py) against plain PyTorch: on a GPU
+when there is one (float16 and bfloat16), else on the CPU through Triton's interpreter in float16
+only (the interpreter's bfloat16 arithmetic is not faithful). Skipped where triton is missing."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")    # before triton is imported anywhere
+    if os.environ["TRITON_INTERPRET"] != "1":
+        pytest.skip("no GPU, and TRITON_INTERPRET is off", allow_module_level=True)
+pytest.importorskip("triton")
+
+
+import torch.nn.functional as F  # noqa: E402
+
+import mistral7b  # noqa: E402
+from mistral7b import gpu_decode, gpu_kernels  # noqa: E402
+from mistral7b.cache import RollingCache, _slot_positions  # noqa: E402
+from mistral7b.generate import decode_step, prefill  # noqa: E402
+from mistral7b.rope import apply_rope, rope_rotations  # noqa: E402
+from mistral7b.static_decode import StaticDecoder  # noqa: E402
+from tests.conftest import WINDOW, make_hf_mistral, save_hf  # noqa: E402
+
+HALF = torch.float16
+DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal up to one rounding of a's dtype (the kernels and PyTorch sum in other orders)."""
+    tol = 1e-3 if a.dtype == torch.float16 else 8e-3
+    torch.testing.assert_close(a, b.to(a.dtype), rtol=tol, atol=tol)
+
+
+def randn(*shape: int, dtype: torch.dtype = HALF) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_with_and_without_the_residual_add(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    x, r, w = randn(3, 96, dtype=dtype), randn(3, 96, dtype=dtype), randn(96, dtype=dtype)
+    normed, total = gpu_kernels.rms_norm(x, w, 1e-5, residual=r)
+    assert torch.equal(total, x + r)
+    close(normed, F.rms_norm(x + r, (96,), eps=1e-5) * w)
+    normed, same = gpu_kernels.rms_norm(x, w, 1e-5)
+    assert same is x
+    close(normed, F.rms_norm(x, (96,), eps=1e-5) * w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_of_the_fused_gate_up_projection(dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    gate_up = randn(2, 2 * 1500, dtype=dtype)              # more than one 1024-wide block
+    gate, up = gate_up.chunk(2, dim=-1)
+    close(gpu_kernels.silu_mul(gate_up), F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_store_rotates_q_and_k_and_writes_k_v_at_each_rows_slot(dtype: torch.dtype) -> None:
+    torch.manual_seed(2)
+    B, H, Hkv, hd, S = 3, 4, 2, 16, 8
+    qkv = randn(B, (H + 2 * Hkv) * hd, dtype=dtype)
+    positions = torch.tensor([[0], [9], [3]], device=DEVICE)
+    rotations = rope_rotations(positions, hd, 10000.0)
+    rope = torch.view_as_real(rotations.reshape(B, -1)).contiguous()
+    k_cache = torch.zeros(5, Hkv, S, hd, dtype=dtype, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    rows, slots = torch.tensor([4, 0, 2], device=DEVICE), positions[:, 0] % S
+    q = gpu_kernels.rope_store(qkv, rope, k_cache, v_cache, rows, slots, H, Hkv, hd)
+
+    heads = qkv.view(B, 1, H + 2 * Hkv, hd)
+    rotated = apply_rope(heads[:, :, : H + Hkv], rotations)
+    close(q, rotated[:, 0, :H])
+    for b in range(B):
+        close(k_cache[rows[b], :, slots[b]], rotated[b, 0, H:])
+        assert torch.equal(v_cache[rows[b], :, slots[b]], heads[b, 0, H + Hkv:])
+    written = torch.zeros(5, S, dtype=torch.bool, device=DEVICE)
+    written[rows, slots] = True
+    untouched = ~written[:, None, :].expand(5, Hkv, S)             # nothing else was written
+    assert not k_cache[untouched].any() and not v_cache[untouched].any()
+
+
+def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        positions: torch.Tensor, n_slots: int, window: int | None
+                        ) -> torch.Tensor:
+    """Masked softmax attention in float64, the mask from RollingCache's slot arithmetic."""
+    B, H, hd = q.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    key_pos = _slot_positions(positions[:, None] + 1, S)                  # (B, S)
+    ok = (key_pos >= 0) & (torch.arange(S, device=q.device) < n_slots)
+    if window is not None:
+        ok &= positions[:, None] - key_pos < window
+    qg = q.double().view(B, Hkv, H // Hkv, hd)
+    scores = qg @ keys.double().transpose(-1, -2) * hd**-0.5              # (B, Hkv, G, S)
+    scores = scores.masked_fill(~ok[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1) @ values.double()).reshape(B, H * hd)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 9])          # 1 and 2 rows split the slots; 9 do not
+@pytest.mark.parametrize("window", [None, 40])
+def test_decode_attention_over_the_rolling_buffer(rows: int, window: int | None,
+                                                  dtype: torch.dtype) -> None:
+    torch.manual_seed(3)
+    H, Hkv, hd, S = 8, 2, 16, 160                 # 160 slots: 3 blocks of 64, the last ragged
+    q, keys, values = (randn(rows, H, hd, dtype=dtype), randn(rows, Hkv, S, hd, dtype=dtype),
+                       randn(rows, Hkv, S, hd, dtype=dtype))
+    # Empty slots, a wrapped buffer, a window cutting inside it, a row at position 0.
+    positions = torch.tensor([100, 0, 500, 159, 160, 7, 63, 64, 300], device=DEVICE)[:rows]
+    for n_slots in (S, 101):
+        if n_slots < S and int(positions.max()) >= n_slots:
+            positions = positions.clamp(max=n_slots - 1)
+        out = gpu_kernels.attention(q, keys, values, positions, n_slots, window)
+        expected = reference_attention(q, keys, values, positions, n_slots, window)
+        tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+        torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+
+
+def test_attention_splits_fill_the_gpu_in_whole_blocks() -> None:
+    assert gpu_decode.attention_splits(1, 8, 256) == (4, 64)
+    assert gpu_decode.attention_splits(16, 8, 256) == (1, 256)
+    assert gpu_decode.attention_splits(1, 8, 4096) == (16, 256)
+    assert gpu_decode.attention_splits(2, 8, 100) == (2, 64)
+
+
+@pytest.fixture(scope="module")
+def half_llm(tmp_path_factory: pytest.TempPathFactory) -> mistral7b.LLM:
+    """A tiny Mistral with head_dim 16 (the kernels' smallest), loaded in float16."""
+    directory = tmp_path_factory.mktemp("gpu-decode")
+    save_hf(make_hf_mistral(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=16), directory / "m")
+    return mistral7b.load(directory / "m", dtype="float16", device=DEVICE, progress=False)
+
+
+PROMPTS = [[5, 9, 1, 77, 3], [4] * 13, [100, 2]]
+STEPS = 2 * WINDOW + 3                  # every row wraps its window-sized buffer
+
+
+def greedy(llm: mistral7b.LLM, static: bool, forced: list[list[int]] | None = None
+           ) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy tokens and logits of three rows (row 1 leaves half-way), plain or static steps;
+    with `forced`, each step is fed those tokens instead of its own choice."""
+    model = llm.model
+    cache = RollingCache(model.config, rows=4, dtype=HALF, device=DEVICE, initial_slots=4)
+    decoder = StaticDecoder(model, cache) if static else None    # graphs on a GPU
+    rows = [0, 1, 2]
+    tokens = prefill(model, cache, rows, PROMPTS, 8).argmax(-1).tolist()
+    history, logits = [list(tokens)], []
+    for i in range(STEPS):
+        if forced is not None:
+            tokens = forced[i]
+        if i == STEPS // 2:
+            rows, tokens = [0, 2], [tokens[0], tokens[-1]]
+        step = (decoder.step(rows, tokens) if decoder is not None
+                else decode_step(model, cache, rows, tokens))
+        logits.append(step.cpu())
+        tokens = step.argmax(-1).tolist()
+        history.append(list(tokens))
+    return history, logits
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_decode_layers_follow_the_plain_layers_past_the_window(
+        half_llm: mistral7b.LLM, static: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fed the same tokens, the two give logits within float16 rounding, and the same greedy
+    choice wherever the choice is not a near tie (this tiny model has exact float16 ties)."""
+    calls = []
+    real = gpu_decode.decode_layers
+    monkeypatch.setattr(gpu_decode, "decode_layers", lambda *a: calls.append(1) or real(*a))
+    half_llm.model.fused_decode = False
+    plain_tokens, plain_logits = greedy(half_llm, static)
+    assert not calls
+    half_llm.model.fused_decode = True
+    monkeypatch.setattr(gpu_decode, "DEVICE_TYPES", ("cuda", "cpu"))
+    _, fused_logits = greedy(half_llm, static, forced=plain_tokens)
+    assert len(calls) >= STEPS // 2           # the plain step of rows [0, 2] is not contiguous
+    for i, (a, b) in enumerate(zip(fused_logits, plain_logits, strict=True)):
+        assert (a - b).abs().max().item() < 5e-3, i
+        top = b.topk(2, dim=-1).values
+        clear = (top[:, 0] - top[:, 1]) > 1e-2
+        assert torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear]), i
