@@ -217,39 +217,57 @@ def step_breakdown(llm: mistral7b.LLM, context: int, steps: int = 16) -> dict[st
             "top_kernels_ms": {name[:80]: round(ms, 4) for name, ms in top}}
 
 
-def fused_against_plain(llm: mistral7b.LLM, prompt_len: int, steps: int = 32
-                        ) -> dict[str, Any]:
-    """Graph decode steps with the Triton kernels against the plain layers, fed the same tokens
-    (the plain run's greedy ones): the largest logit difference, the logits' scale, and how often
-    the two pick the same greedy token."""
+def teacher_forced(llm: mistral7b.LLM, prompt: list[int], steps: int,
+                   forced: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+    """(steps, vocab) float32 logits of graph decode steps after `prompt`, each step fed
+    forced[i] (default: the previous step's greedy token); returns the tokens fed too."""
     from mistral7b.generate import prefill
     from mistral7b.static_decode import StaticDecoder
 
-    model = llm.model
+    cache = RollingCache(llm.config, rows=2, dtype=llm.cache_dtype, device=llm.device)
+    decoder = StaticDecoder(llm.model, cache)
+    token = int(prefill(llm.model, cache, [0], [prompt], len(prompt))[0].argmax())
+    fed: list[int] = []
+    logits = []
+    for i in range(steps):
+        fed.append(forced[i] if forced is not None else token)
+        logits.append(decoder.step([0], [fed[-1]])[0].float().cpu())
+        token = int(logits[-1].argmax())
+    return torch.stack(logits), fed
+
+
+def fused_against_plain(llm: mistral7b.LLM, prompt_len: int, reference: Path | None,
+                        steps: int = 32) -> dict[str, Any]:
+    """Graph decode steps with the Triton kernels against the plain layers, fed the same tokens
+    (the plain run's greedy ones): the largest logit difference, the logits' scale, and how often
+    the two pick the same greedy token. With `reference` (the checkpoint), both are also measured
+    against the same steps in float32 (plain layers), to tell rounding from a fault."""
+    torch.manual_seed(1)
     prompt = torch.randint(3, 1000, (prompt_len,)).tolist()
-    runs: dict[bool, list[torch.Tensor]] = {}
-    forced: list[int] = []
+    llm.model.fused_decode = False
     try:
-        for fused in (False, True):
-            model.fused_decode = fused
-            cache = RollingCache(llm.config, rows=2, dtype=llm.cache_dtype, device=llm.device)
-            decoder = StaticDecoder(model, cache)
-            token = int(prefill(model, cache, [0], [prompt], prompt_len)[0].argmax())
-            runs[fused] = []
-            for i in range(steps):
-                if not fused:
-                    forced.append(token)
-                logits = decoder.step([0], [forced[i]])[0].float().cpu()
-                runs[fused].append(logits)
-                token = int(logits.argmax())
+        plain, forced = teacher_forced(llm, prompt, steps)
     finally:
-        model.fused_decode = True
-    plain, fused_logits = torch.stack(runs[False]), torch.stack(runs[True])
-    same = (plain.argmax(-1) == fused_logits.argmax(-1)).float().mean().item()
-    diff = (plain - fused_logits).abs().max().item()
-    return {"steps": steps, "max_abs_logit_diff": round(diff, 4),
-            "max_abs_logit": round(plain.abs().max().item(), 2),
-            "same_greedy_token": round(same, 3)}
+        llm.model.fused_decode = True
+    fused, _ = teacher_forced(llm, prompt, steps, forced)
+    same = (plain.argmax(-1) == fused.argmax(-1)).float().mean().item()
+    result = {"steps": steps, "max_abs_logit_diff": round((plain - fused).abs().max().item(), 4),
+              "mean_abs_logit_diff": round((plain - fused).abs().mean().item(), 5),
+              "max_abs_logit": round(plain.abs().max().item(), 2),
+              "same_greedy_token": round(same, 3)}
+    if reference is not None:
+        exact = mistral7b.load(reference, dtype="float32", device=llm.device, progress=False)
+        want, _ = teacher_forced(exact, prompt, steps, forced)
+        del exact
+        gc.collect()
+        if llm.device.type == "cuda":
+            torch.cuda.empty_cache()
+        for name, got in (("plain", plain), ("fused", fused)):
+            result[f"{name}_vs_float32_max"] = round((got - want).abs().max().item(), 4)
+            result[f"{name}_vs_float32_mean"] = round((got - want).abs().mean().item(), 5)
+            result[f"{name}_same_greedy_as_float32"] = round(
+                (got.argmax(-1) == want.argmax(-1)).float().mean().item(), 3)
+    return result
 
 
 def plain_layers(llm: mistral7b.LLM, fn: Callable[[], Any]) -> Any:
@@ -325,6 +343,9 @@ def main() -> None:
                         help="also time decode with torch.compile'd steps (compiles for "
                         "about a minute)")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--float32-reference", action="store_true",
+                        help="also load the checkpoint in float32 (twice the weights' memory) "
+                        "and measure both bfloat16 decode paths against it")
     parser.add_argument("--time-limit", type=float, default=300,
                         help="start no compiled measurement after this many seconds")
     parser.add_argument("--dry-run", action="store_true",
@@ -382,7 +403,8 @@ def main() -> None:
     section(results, out, f"prefill_{prefill_len}_tok_s",
             lambda: round(statistics.median(
                 [time_prefill(llm, prefill_len, 0) for _ in range(4)][1:]), 0))
-    section(results, out, "fused_against_plain", lambda: fused_against_plain(llm, prompt_len))
+    section(results, out, "fused_against_plain", lambda: fused_against_plain(
+        llm, prompt_len, path if args.float32_reference else None))
     section(results, out, "step_breakdown", lambda: step_breakdown(llm, prompt_len))
     section(results, out, "step_breakdown_plain_layers", lambda: plain_layers(
         llm, lambda: step_breakdown(llm, prompt_len)))

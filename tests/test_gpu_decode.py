@@ -179,7 +179,8 @@ def test_decode_layers_follow_the_plain_layers_past_the_window(
     half_llm.model.fused_decode = True
     monkeypatch.setattr(gpu_decode, "DEVICE_TYPES", ("cuda", "cpu"))
     _, fused_logits = greedy(half_llm, static, forced=plain_tokens)
-    assert len(calls) >= STEPS // 2           # the plain step of rows [0, 2] is not contiguous
+    # The plain step of rows [0, 2] is not contiguous; CUDA graphs call it once per capture.
+    assert len(calls) >= (STEPS // 2 if DEVICE == "cpu" or not static else 1)
     for i, (a, b) in enumerate(zip(fused_logits, plain_logits, strict=True)):
         assert (a - b).abs().max().item() < 5e-3, i
         top = b.topk(2, dim=-1).values
