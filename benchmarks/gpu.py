@@ -17,6 +17,8 @@ as a Hugging Face directory, with transformers itself, then measures in one run:
 - the decode step's Triton kernels (gpu_decode.py) against the plain layers: the largest logit
   difference over 32 teacher-forced steps in bfloat16, and the same speeds with the plain layers
   (`model.fused_decode = False`), in the same run;
+- decode at 1 and 16 streams with sampling (temperature, top-k, top-p, min-p and the three
+  penalties, on the device), against greedy;
 - the calls that make the host wait for the device while the engine decodes (there should be
   none but the wait for each step's tokens: the engine queues the next step before it waits);
 - ratios, and the % of the ceiling batch-1 decode reaches.
@@ -119,16 +121,23 @@ def time_transformers(model: torch.nn.Module, device: torch.device, batch: int,
     return batch * (new - 1) / (full - one)
 
 
+# Sampling as a chat client might ask for it: every rule of the batched device sampler at work.
+SAMPLED = dict(temperature=0.8, top_k=50, top_p=0.95, min_p=0.02, repetition_penalty=1.1,
+               presence_penalty=0.2, frequency_penalty=0.2)
+
+
 def time_engine(llm: mistral7b.LLM, streams: int, prompt_len: int, new: int,
-                static: bool, compile: bool = False) -> dict[str, float]:
-    """Greedy generation for `streams` requests at once through the serving engine. decode
-    tok/s counts the tokens produced after every stream has its first one, over that time;
-    total tok/s is every generated token over the whole wall time (pre-fill included)."""
+                static: bool, compile: bool = False, sampled: bool = False) -> dict[str, float]:
+    """Generation for `streams` requests at once through the serving engine, greedy or with
+    SAMPLED's parameters. decode tok/s counts the tokens produced after every stream has its
+    first one, over that time; total tok/s is every generated token over the whole wall time
+    (pre-fill included)."""
     engine = Engine(llm.model, llm.tokenizer, max_batch=streams, max_queue=streams,
                     prefill_chunk=prompt_len, dtype=llm.cache_dtype, static_decode=static,
                     compile=compile)
     engine.start()
-    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new, ignore_eos=True,
+                            **(SAMPLED if sampled else {"temperature": 0}))
     try:
         engine_round(engine, streams, prompt_len, params)          # warm-up: graphs captured
         return engine_round(engine, streams, prompt_len, params)
@@ -415,6 +424,9 @@ def main() -> None:
         section(results, out, f"decode_b{b}", lambda b=b: time_engine(
             llm, b, prompt_len, new, static=True))
     for b in [b for b in streams if b <= 16]:
+        section(results, out, f"decode_b{b}_sampled", lambda b=b: time_engine(
+            llm, b, prompt_len, new, static=True, sampled=True))
+    for b in [b for b in streams if b <= 16]:
         section(results, out, f"decode_b{b}_plain_layers", lambda b=b: plain_layers(
             llm, lambda: time_engine(llm, b, prompt_len, new, static=True)))
     for b in streams if args.compile else []:
@@ -456,6 +468,10 @@ def summarise(results: dict[str, Any], streams: list[int]) -> None:
         entry = results.get(f"decode_b{b}_compiled") or {}
         if entry:
             rows.append((f"compiled, {b} streams (tok/s)", entry.get("decode_tok_s")))
+    for b in streams:
+        entry = results.get(f"decode_b{b}_sampled") or {}
+        if entry:
+            rows.append((f"sampled, {b} streams (tok/s)", entry.get("decode_tok_s")))
     for b in streams:
         entry = results.get(f"decode_b{b}_plain_layers") or {}
         if entry:
