@@ -279,6 +279,84 @@ def fused_against_plain(llm: mistral7b.LLM, prompt_len: int, reference: Path | N
     return result
 
 
+def sampling_breakdown(device: torch.device, vocab: int = 32000, steps: int = 100
+                       ) -> dict[str, Any]:
+    """The batched sampler alone (SAMPLED's parameters, random bf16-rounded logits of Mistral's
+    vocabulary), before and after each of its two speed-ups (top-k candidates from torch.topk;
+    parameter columns uploaded once): host ms to queue one step, device ms per step between
+    events, host waits inside a step, its top kernels; and whether every variant draws the
+    same tokens from the same seeds."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    import mistral7b.batch_sampling as batch_sampling
+    from mistral7b.batch_sampling import BatchSampler
+
+    variants = {"before": (False, False), "topk": (True, False), "cache": (False, True),
+                "both": (True, True)}
+    result: dict[str, Any] = {}
+    drawn: dict[str, list[list[int]]] = {}
+    try:
+        for name, (topk, cache) in variants.items():
+            batch_sampling.TOPK_CANDIDATES, batch_sampling.CACHE_CONSTANTS = topk, cache
+            for rows in (1, 16):
+                params = SamplingParams(max_tokens=10**6, ignore_eos=True, seed=7, **SAMPLED)
+                sampler = BatchSampler(rows, vocab, device)
+                for r in range(rows):
+                    sampler.start(r, params, list(range(3, 131)))
+                g = torch.Generator().manual_seed(0)
+                logits = [(torch.randn(rows, vocab, generator=g) * 3).bfloat16().float()
+                          .to(device) for _ in range(8)]
+                batch = list(range(rows))
+                tokens = [[r.token_id for r in sampler.sample(batch, x)] for x in logits]
+                drawn[f"{name}_b{rows}"] = tokens
+                sync(device)
+                start = time.perf_counter()
+                for i in range(steps):
+                    sampler.launch(batch, logits[i % 8])
+                host_ms = (time.perf_counter() - start) * 1000 / steps
+                sync(device)
+                wall = time.perf_counter()
+                for i in range(steps):
+                    sampler.launch(batch, logits[i % 8])
+                sync(device)
+                wall_ms = (time.perf_counter() - wall) * 1000 / steps
+                waits = 0
+                if device.type == "cuda":
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        torch.cuda.set_sync_debug_mode("warn")
+                        try:
+                            sampler.launch(batch, logits[0])
+                        finally:
+                            torch.cuda.set_sync_debug_mode("default")
+                    waits = sum("synchroniz" in str(w.message) for w in caught)
+                activities = [ProfilerActivity.CPU]
+                if device.type == "cuda":
+                    activities.append(ProfilerActivity.CUDA)
+                with profile(activities=activities) as prof:
+                    for i in range(10):
+                        sampler.launch(batch, logits[i % 8])
+                    sync(device)
+                kernels = {}
+                for event in prof.key_averages():
+                    us = (getattr(event, "self_device_time_total", 0.0) or 0.0
+                          if device.type == "cuda" else event.self_cpu_time_total)
+                    if us > 0:
+                        kernels[event.key[:60]] = round(us / 10, 1)
+                top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:6])
+                result[f"{name}_b{rows}"] = {
+                    "host_ms_per_step": round(host_ms, 3), "ms_per_step": round(wall_ms, 3),
+                    "host_waits": waits, "device_us_per_step": round(sum(kernels.values()), 1),
+                    "top_us": top}
+    finally:
+        batch_sampling.TOPK_CANDIDATES = batch_sampling.CACHE_CONSTANTS = True
+    result["same_tokens"] = all(drawn[f"{n}_b{r}"] == drawn[f"before_b{r}"]
+                                for n in variants for r in (1, 16))
+    return result
+
+
 def plain_layers(llm: mistral7b.LLM, fn: Callable[[], Any]) -> Any:
     """fn() with the decode step's Triton kernels off (the plain PyTorch layers)."""
     llm.model.fused_decode = False
@@ -357,6 +435,8 @@ def main() -> None:
                         "and measure both bfloat16 decode paths against it")
     parser.add_argument("--time-limit", type=float, default=300,
                         help="start no compiled measurement after this many seconds")
+    parser.add_argument("--sampling-only", action="store_true",
+                        help="measure only the batched sampler (no model; seconds)")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shapes on the CPU, to check the script")
     args = parser.parse_args()
@@ -375,6 +455,10 @@ def main() -> None:
     out = args.out
     started = time.perf_counter()
 
+    if args.sampling_only:
+        section(results, out, "sampling_breakdown", lambda: sampling_breakdown(device))
+        print(json.dumps(results, indent=2))
+        return
     bandwidth = section(results, out, "copy_bandwidth_gbs",
                         lambda: round(copy_bandwidth(device, 2**26 if dry else 2**31), 1))
     workdir = tempfile.TemporaryDirectory()

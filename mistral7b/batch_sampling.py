@@ -9,14 +9,20 @@ Each row has its own parameters, held as one tensor per parameter:
            -> sampled rows: / temperature -> top-k -> top-p -> min-p -> inverse-CDF draw
 
 These are the rules of sampling.py, whose per-sequence `Sampler` is the plain reference the tests
-hold this module to. Top-k and top-p run on each row's logits sorted once (only when a row of the
-batch asks for one of them). Min-p compares logits, log p - log p_max >= log(min_p), so it needs
-no normalising sum. The draw itself runs in token-id order. So a row's token depends on its own
-logits, parameters and random number only, never on which other rows share the batch.
+hold this module to. Top-k and top-p run on each row's logits in descending order, ties in id
+order (only when a row of the batch asks for one of them): when every row has a top-k, its k
+best ids come from one torch.topk on a 64-bit key that breaks ties by id (`_stable_top`), else
+the whole vocabulary is sorted once. Min-p compares logits, log p - log p_max >= log(min_p), so
+it needs no normalising sum. The draw itself runs in token-id order. So a row's token depends on
+its own logits, parameters and random number only, never on which other rows share the batch.
 
 The random numbers come from one CPU `torch.Generator` per row, seeded from its `seed`, one
 uniform number per step: a seeded request draws the same numbers on every device and in any
 batch, and the same tokens as the per-sequence Sampler.
+
+The per-row parameters (temperatures, k, p, penalties, row indices) change only when the batch
+does, so each distinct column is uploaded once and kept (`BatchSampler._const`) instead of being
+copied to the device every step.
 
 Penalties need each row's token history: `seen` (prompt and generated ids) and `counts`
 (generated ids), kept as (rows, vocab) tensors indexed by cache row and allocated on first use.
@@ -25,7 +31,7 @@ Penalties need each row's token history: `seen` (prompt and generated ids) and `
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +49,15 @@ class _Row:
 
 # Rows under a grammar: their indices in the batch, and their bitmasks of allowed tokens.
 Masks = tuple[Sequence[int], torch.Tensor]
+# A small host list as a tensor on the sampler's device: (values, dtype) -> tensor.
+Const = Callable[[Sequence[float], torch.dtype], torch.Tensor]
+
+# Benchmarks switch these off to compare (benchmarks/gpu.py): top-k rows take their candidates
+# from torch.topk instead of a sort of the whole vocabulary; parameter columns are uploaded once
+# per batch composition instead of every step.
+TOPK_CANDIDATES = True
+CACHE_CONSTANTS = True
+_CONSTANTS_KEPT = 256          # distinct columns kept before the cache starts over
 
 
 class PendingSample:
@@ -74,6 +89,20 @@ class BatchSampler:
         self._rows: list[_Row | None] = [None] * rows
         self._seen: torch.Tensor | None = None        # (rows, vocab) bool, on first penalty
         self._counts: torch.Tensor | None = None      # (rows, vocab) float32
+        self._constants: dict[tuple[torch.dtype, tuple[float, ...]], torch.Tensor] = {}
+
+    def _const(self, values: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+        """`values` on the device; the same values come back as the same (never modified)
+        tensor, with no new upload."""
+        if not CACHE_CONSTANTS:
+            return to_device(list(values), self.device, dtype)
+        key = (dtype, tuple(values))
+        tensor = self._constants.get(key)
+        if tensor is None:
+            if len(self._constants) >= _CONSTANTS_KEPT:
+                self._constants.clear()
+            tensor = self._constants[key] = to_device(list(values), self.device, dtype)
+        return tensor
 
     def start(self, row: int, params: SamplingParams, prompt: Sequence[int]) -> None:
         """A new sequence in `row`: its own random generator, and (when it has penalties) a
@@ -113,7 +142,7 @@ class BatchSampler:
             if len(index) == len(rows):               # every row: no gather and scatter
                 processed = processed.masked_fill(forbidden, float("-inf"))
             else:
-                chosen = to_device(list(index), device)
+                chosen = self._const(index, torch.int64)
                 processed = processed.index_put(
                     (chosen,), processed[chosen].masked_fill(forbidden, float("-inf")))
 
@@ -127,7 +156,7 @@ class BatchSampler:
                 tokens = picks
             else:                                     # greedy rows: the argmax
                 tokens = processed.argmax(dim=-1).index_put(
-                    (to_device(sampled, device),), picks)
+                    (self._const(sampled, torch.int64),), picks)
 
         # Everything the host needs in one tensor, one copy: ids, then logprobs when asked.
         columns = [tokens.double()[:, None]]
@@ -155,12 +184,12 @@ class BatchSampler:
         penalised = [b for b, p in enumerate(params) if _has_penalties(p)]
         if penalised:
             seen, counts = self._history()
-            which = to_device([rows[b] for b in penalised], raw.device)
-            chosen = to_device(penalised, raw.device)
+            which = self._const([rows[b] for b in penalised], torch.int64)
+            chosen = self._const(penalised, torch.int64)
             logits = out[chosen]
-            rep = _column([params[b].repetition_penalty for b in penalised], raw.device)
-            pres = _column([params[b].presence_penalty for b in penalised], raw.device)
-            freq = _column([params[b].frequency_penalty for b in penalised], raw.device)
+            rep = self._column([params[b].repetition_penalty for b in penalised])
+            pres = self._column([params[b].presence_penalty for b in penalised])
+            freq = self._column([params[b].frequency_penalty for b in penalised])
             hit = torch.where(logits > 0, logits / rep, logits * rep)
             logits = torch.where(seen[which], hit, logits)
             count = counts[which]
@@ -173,14 +202,15 @@ class BatchSampler:
         """One token per row, sampled from its filtered, temperature-scaled distribution."""
         device = logits.device
         V = logits.shape[1]
-        filtered = logits / _column([p.temperature for p in params], device)
+        filtered = logits / self._column([p.temperature for p in params])
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-            keep = _top_k_top_p(filtered, [p.top_k for p in params], [p.top_p for p in params])
+            keep = _top_k_top_p(filtered, [p.top_k for p in params], [p.top_p for p in params],
+                                self._const)
             filtered = filtered.masked_fill(~keep, float("-inf"))
         if any(p.min_p > 0 for p in params):
             # p / p_max < min_p  <=>  logit - max logit < log(min_p)
-            floor = _column([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params],
-                            device)
+            floor = self._column([math.log(p.min_p) if p.min_p > 0 else -math.inf
+                                  for p in params])
             top = filtered.max(dim=-1, keepdim=True).values
             filtered = filtered.masked_fill(filtered - top < floor, float("-inf"))
         cdf = torch.softmax(filtered, dim=-1).cumsum(dim=-1)
@@ -194,10 +224,13 @@ class BatchSampler:
         if not penalised:
             return
         seen, counts = self._history()
-        which = to_device([rows[b] for b in penalised], tokens.device)
-        ids = tokens[to_device(penalised, tokens.device)]
+        which = self._const([rows[b] for b in penalised], torch.int64)
+        ids = tokens[self._const(penalised, torch.int64)]
         seen[which, ids] = True
         counts[which, ids] += 1.0
+
+    def _column(self, values: list[float]) -> torch.Tensor:
+        return self._const(values, torch.float32)[:, None]
 
     def _history(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._seen is None or self._counts is None:
@@ -211,21 +244,44 @@ def _has_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return to_device(values, device, torch.float32)[:, None]
-
-
-def _top_k_top_p(scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Which ids survive top-k and then top-p, per row, from one stable descending sort (ties
-    keep the lower id first, as the reference does). k = 0 and p = 1 keep everything."""
+def _top_k_top_p(scaled: torch.Tensor, top_k: list[int], top_p: list[float],
+                 const: Const | None = None) -> torch.Tensor:
+    """Which ids survive top-k and then top-p, per row, in descending order with ties in id
+    order (as the reference's stable sort). k = 0 and p = 1 keep everything. const: how the
+    per-row columns reach the device (default: a fresh copy)."""
     V = scaled.shape[1]
     device = scaled.device
-    values, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
-    ranks = torch.arange(V, device=device)[None, :]
-    k = to_device([k if 0 < k < V else V for k in top_k], device)[:, None]
-    keep = ranks < k
+    if const is None:
+        def const(values: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+            return to_device(list(values), device, dtype)
+    ks = [k if 0 < k < V else V for k in top_k]
+    width = max(ks)
+    if TOPK_CANDIDATES and width < V:           # every row has a top-k: only its best ids
+        order = _stable_top(scaled, width)
+        values = scaled.gather(1, order)
+    else:
+        values, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
+    ranks = torch.arange(values.shape[1], device=device)[None, :]
+    keep = ranks < const(ks, torch.int64)[:, None]
     probs = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
     before = probs.cumsum(dim=-1) - probs              # mass of the strictly better ids
-    p = _column(top_p, device)
+    p = const(top_p, torch.float32)[:, None]
     keep &= (before < p) | (p >= 1.0) | (ranks == 0)
-    return torch.zeros_like(keep).scatter(-1, order, keep)
+    return torch.zeros(scaled.shape, dtype=torch.bool, device=device).scatter(-1, order, keep)
+
+
+def _stable_top(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ids of each row's k largest values, largest first and ties in id order: the first
+    k of a stable descending sort, from one torch.topk over distinct 64-bit keys. The high word
+    is the float32's bits made order-preserving (a negative float's bits, read as an integer,
+    order backwards, so all but the sign bit are flipped); the low word is V - 1 - id, so of two
+    equal values the lower id has the larger key.
+
+        1.0 -> 0x3F800000,  -1.0 -> 0xBF800000 ^ 0x7FFFFFFF = 0xC07FFFFF (int32 -1065353217),
+        -2.0 -> 0xC0000000 ^ 0x7FFFFFFF = 0xBFFFFFFF (int32 -1073741825 < -1.0's)
+    """
+    V = x.shape[1]
+    bits = (x.float() + 0.0).contiguous().view(torch.int32).to(torch.int64)  # + 0.0: -0.0 -> 0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    ids = torch.arange(V, device=x.device)
+    return (ordered * 2**32 + (V - 1 - ids)).topk(k, dim=-1).indices

@@ -92,3 +92,40 @@ def test_filter_masks_equal_the_reference_rules() -> None:
 def test_sampling_a_row_that_was_never_started_is_an_error() -> None:
     with pytest.raises(ValueError, match="not start"):
         BatchSampler(2, V).sample([1], step_logits(0, 1))
+
+
+def test_stable_top_is_the_head_of_a_stable_descending_sort() -> None:
+    """Ties (bfloat16-rounded logits have many), negatives, -0.0 against 0.0, and -inf."""
+    from mistral7b.batch_sampling import _stable_top
+
+    logits = step_logits(1, 4).bfloat16().float()
+    logits[0, 50:80] = 0.0
+    logits[0, 60:70] = -0.0
+    logits[1, ::3] = float("-inf")
+    logits[2] = -logits[2].abs()
+    logits[3, :] = 1.5                                   # one tie across the whole row
+    want = torch.sort(logits, dim=-1, descending=True, stable=True).indices
+    for k in (1, 7, 100, V - 1):
+        assert torch.equal(_stable_top(logits, k), want[:, :k]), k
+
+
+def test_top_k_candidates_and_the_full_sort_keep_the_same_ids(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import mistral7b.batch_sampling as batch_sampling
+
+    logits = step_logits(2, 3).bfloat16().float()
+    ks, ps = [5, 40, 1], [0.9, 0.5, 1.0]
+    fast = _top_k_top_p(logits, ks, ps)
+    monkeypatch.setattr(batch_sampling, "TOPK_CANDIDATES", False)
+    assert torch.equal(fast, _top_k_top_p(logits, ks, ps))
+
+
+def test_parameter_columns_are_uploaded_once_per_batch() -> None:
+    sampler = BatchSampler(2, V)
+    for row, p in enumerate(CASES[6:8]):
+        sampler.start(row, p, PROMPT)
+    sampler.sample([0, 1], step_logits(0, 2))
+    kept = dict(sampler._constants)
+    sampler.sample([0, 1], step_logits(1, 2))
+    assert sampler._constants.keys() == kept.keys()
+    assert all(sampler._constants[key] is tensor for key, tensor in kept.items())
