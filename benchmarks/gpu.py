@@ -366,7 +366,8 @@ def plain_layers(llm: mistral7b.LLM, fn: Callable[[], Any]) -> Any:
         llm.model.fused_decode = True
 
 
-def host_syncs(llm: mistral7b.LLM, prompt_len: int, new: int = 32) -> dict[str, Any]:
+def host_syncs(llm: mistral7b.LLM, prompt_len: int, new: int = 32, sampled: bool = False
+               ) -> dict[str, Any]:
     """Calls that make the host wait for the device while two streams decode through the engine
     (torch's sync debug mode). Each iteration should have one, the wait for a step's tokens
     (an event, which the mode does not count); any other one stops the engine from queueing
@@ -375,7 +376,8 @@ def host_syncs(llm: mistral7b.LLM, prompt_len: int, new: int = 32) -> dict[str, 
 
     if llm.device.type != "cuda":
         return {"skipped": "not a CUDA device"}
-    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new, ignore_eos=True,
+                            **(SAMPLED if sampled else {"temperature": 0}))
     engine = Engine(llm.model, llm.tokenizer, max_batch=2, prefill_chunk=prompt_len,
                     dtype=llm.cache_dtype)
     engine.start()
@@ -502,6 +504,8 @@ def main() -> None:
     section(results, out, "step_breakdown_plain_layers", lambda: plain_layers(
         llm, lambda: step_breakdown(llm, prompt_len)))
     section(results, out, "host_syncs", lambda: host_syncs(llm, prompt_len))
+    section(results, out, "host_syncs_sampled", lambda: host_syncs(llm, prompt_len,
+                                                                   sampled=True))
     section(results, out, "decode_b1_plain_step", lambda: time_engine(
         llm, 1, prompt_len, new, static=False))
     for b in streams:

@@ -10,11 +10,12 @@ Each row has its own parameters, held as one tensor per parameter:
 
 These are the rules of sampling.py, whose per-sequence `Sampler` is the plain reference the tests
 hold this module to. Top-k and top-p run on each row's logits in descending order, ties in id
-order (only when a row of the batch asks for one of them): when every row has a top-k, its k
-best ids come from one torch.topk on a 64-bit key that breaks ties by id (`_stable_top`), else
-the whole vocabulary is sorted once. Min-p compares logits, log p - log p_max >= log(min_p), so
-it needs no normalising sum. The draw itself runs in token-id order. So a row's token depends on
-its own logits, parameters and random number only, never on which other rows share the batch.
+order (only when a row of the batch asks for one of them): a row with a top-k of at most 1024
+takes its 1024 best ids from one torch.topk on a 64-bit key that breaks ties by id
+(`_stable_top`); other rows sort the whole vocabulary. Min-p compares logits,
+log p - log p_max >= log(min_p), so it needs no normalising sum. The draw itself runs in token-id
+order. So a row's token depends on its own logits, parameters and random number only, never on
+which other rows share the batch.
 
 The random numbers come from one CPU `torch.Generator` per row, seeded from its `seed`, one
 uniform number per step: a seeded request draws the same numbers on every device and in any
@@ -57,6 +58,7 @@ Const = Callable[[Sequence[float], torch.dtype], torch.Tensor]
 # per batch composition instead of every step.
 TOPK_CANDIDATES = True
 CACHE_CONSTANTS = True
+CANDIDATES = 1024              # ids a top-k row looks at (rows with a larger k sort everything)
 _CONSTANTS_KEPT = 256          # distinct columns kept before the cache starts over
 
 
@@ -248,26 +250,48 @@ def _top_k_top_p(scaled: torch.Tensor, top_k: list[int], top_p: list[float],
                  const: Const | None = None) -> torch.Tensor:
     """Which ids survive top-k and then top-p, per row, in descending order with ties in id
     order (as the reference's stable sort). k = 0 and p = 1 keep everything. const: how the
-    per-row columns reach the device (default: a fresh copy)."""
+    per-row columns reach the device (default: a fresh copy).
+
+    Rows with 0 < k <= CANDIDATES look only at their CANDIDATES best ids (one torch.topk);
+    the others sort the whole vocabulary. Which of the two a row takes depends on its own k
+    alone, and each runs row by row at a fixed width, so a row's result never depends on the
+    other rows of the batch."""
     V = scaled.shape[1]
     device = scaled.device
     if const is None:
         def const(values: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
             return to_device(list(values), device, dtype)
     ks = [k if 0 < k < V else V for k in top_k]
-    width = max(ks)
-    if TOPK_CANDIDATES and width < V:           # every row has a top-k: only its best ids
+    narrow = [b for b, k in enumerate(ks)
+              if TOPK_CANDIDATES and k <= CANDIDATES < V]      # the rest sort everything
+    if len(narrow) in (0, len(ks)):
+        return _filter(scaled, ks, top_p, const, CANDIDATES if narrow else V)
+    wide = [b for b in range(len(ks)) if b not in narrow]
+    keep = torch.empty(scaled.shape, dtype=torch.bool, device=device)
+    for group, width in ((narrow, CANDIDATES), (wide, V)):
+        index = const(group, torch.int64)
+        keep[index] = _filter(scaled[index], [ks[b] for b in group], [top_p[b] for b in group],
+                              const, width)
+    return keep
+
+
+def _filter(scaled: torch.Tensor, ks: list[int], top_p: list[float], const: Const,
+            width: int) -> torch.Tensor:
+    """_top_k_top_p's rule over each row's `width` best ids (width >= every k)."""
+    V = scaled.shape[1]
+    if width < V:
         order = _stable_top(scaled, width)
         values = scaled.gather(1, order)
     else:
         values, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
-    ranks = torch.arange(values.shape[1], device=device)[None, :]
+    ranks = torch.arange(width, device=scaled.device)[None, :]
     keep = ranks < const(ks, torch.int64)[:, None]
     probs = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
     before = probs.cumsum(dim=-1) - probs              # mass of the strictly better ids
     p = const(top_p, torch.float32)[:, None]
     keep &= (before < p) | (p >= 1.0) | (ranks == 0)
-    return torch.zeros(scaled.shape, dtype=torch.bool, device=device).scatter(-1, order, keep)
+    return torch.zeros(scaled.shape, dtype=torch.bool, device=scaled.device).scatter(
+        -1, order, keep)
 
 
 def _stable_top(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -111,13 +111,22 @@ def test_stable_top_is_the_head_of_a_stable_descending_sort() -> None:
 
 def test_top_k_candidates_and_the_full_sort_keep_the_same_ids(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows with k <= CANDIDATES take the topk path, the others (k = 0, k > CANDIDATES) the
+    sort; alone, together, and with the topk path off, each row keeps the same ids."""
     import mistral7b.batch_sampling as batch_sampling
 
-    logits = step_logits(2, 3).bfloat16().float()
-    ks, ps = [5, 40, 1], [0.9, 0.5, 1.0]
-    fast = _top_k_top_p(logits, ks, ps)
+    monkeypatch.setattr(batch_sampling, "CANDIDATES", 64)
+    logits = step_logits(2, 5).bfloat16().float()
+    ks, ps = [5, 40, 1, 0, 100], [0.9, 0.5, 1.0, 0.7, 0.95]
+    mixed = _top_k_top_p(logits, ks, ps)
+    for row in range(5):
+        alone = _top_k_top_p(logits[row:row + 1], ks[row:row + 1], ps[row:row + 1])
+        assert torch.equal(mixed[row:row + 1], alone), row
+        want = apply_top_p(apply_top_k(logits[row], ks[row]), ps[row]) > float("-inf")
+        assert torch.equal(mixed[row], want), row
+    assert torch.equal(_top_k_top_p(logits[:3], ks[:3], ps[:3]), mixed[:3])   # all topk
     monkeypatch.setattr(batch_sampling, "TOPK_CANDIDATES", False)
-    assert torch.equal(fast, _top_k_top_p(logits, ks, ps))
+    assert torch.equal(_top_k_top_p(logits, ks, ps), mixed)
 
 
 def test_parameter_columns_are_uploaded_once_per_batch() -> None:
