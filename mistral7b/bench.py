@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from mistral7b.batch_sampling import greedy_ids
 from mistral7b.cache import RollingCache
 from mistral7b.generate import decode_step, default_chunk_size, prefill
 from mistral7b.llm import LLM
@@ -74,12 +75,12 @@ def time_decode(llm: LLM, n: int, depth: int, batch: int) -> float:
     if static:
         decoder = StaticDecoder(llm.model, cache, compile=llm.compile)
         step: Callable[[list[int]], torch.Tensor] = partial(decoder.step, rows)
-        tokens = step(tokens).argmax(-1).tolist()            # captures the graph
+        tokens = greedy_ids(step(tokens)).tolist()            # captures the graph
     else:
         step = partial(decode_step, llm.model, cache, rows)
     start = time.perf_counter()
     for _ in range(n):
-        tokens = step(tokens).argmax(-1).tolist()
+        tokens = greedy_ids(step(tokens)).tolist()
     return batch * n / (time.perf_counter() - start)
 
 

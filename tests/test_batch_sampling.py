@@ -138,3 +138,14 @@ def test_parameter_columns_are_uploaded_once_per_batch() -> None:
     sampler.sample([0, 1], step_logits(1, 2))
     assert sampler._constants.keys() == kept.keys()
     assert all(sampler._constants[key] is tensor for key, tensor in kept.items())
+
+
+def test_greedy_ids_are_torch_argmax_with_ties_to_the_lowest_id() -> None:
+    from mistral7b.batch_sampling import greedy_ids
+
+    logits = step_logits(3, 4).bfloat16().float()
+    logits[1, 7] = logits[1, 200] = logits[1].max() + 1       # a tie: the lower id wins
+    logits[2] = float("-inf")
+    assert torch.equal(greedy_ids(logits), logits.argmax(dim=-1))
+    assert greedy_ids(logits)[1] == 7
+    assert torch.equal(greedy_ids(logits[:, ::2]), logits[:, ::2].argmax(dim=-1))  # strided
