@@ -283,9 +283,9 @@ def sampling_breakdown(device: torch.device, vocab: int = 32000, steps: int = 10
                        ) -> dict[str, Any]:
     """The batched sampler alone (SAMPLED's parameters, random bf16-rounded logits of Mistral's
     vocabulary), before and after each of its two speed-ups (top-k candidates from torch.topk,
-    which the sampler takes on the CPU only; parameter columns uploaded once): host ms to queue one step, device ms per step between
-    events, host waits inside a step, its top kernels; and whether every variant draws the
-    same tokens from the same seeds."""
+    which the sampler takes on the CPU only; parameter columns uploaded once): host ms to queue
+    one step, ms per step, host waits inside a step, its top kernels; and whether every variant
+    draws the same tokens from the same seeds."""
     import warnings
 
     from torch.profiler import ProfilerActivity, profile

@@ -37,6 +37,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     """x, residual: (B, D). With a residual: s = x + residual, rounded to x's dtype; returns
     (rms_norm(s) * weight, s). Without: (rms_norm(x) * weight, x)."""
     B, D = x.shape
+    assert x.is_contiguous() and (residual is None or residual.is_contiguous())
     out = torch.empty_like(x)
     total = torch.empty_like(x) if residual is not None else x
     block = triton.next_power_of_2(D)
@@ -84,6 +85,7 @@ def rope_store(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor,
     [write_rows[b], :, write_slots[b]]; returns the rotated q, (B, H, hd)."""
     B = qkv.shape[0]
     q = torch.empty(B, n_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    assert qkv.is_contiguous() and rope.is_contiguous()
     assert cache_k.stride() == cache_v.stride() and cache_k.stride(3) == 1
     _rope_store_kernel[(B, n_heads + n_kv_heads)](
         qkv, rope, q, cache_k, cache_v, write_rows, write_slots,
@@ -175,6 +177,7 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     (B, H * hd) in q's dtype."""
     B, H, hd = q.shape
     Hkv, slots = keys.shape[1], keys.shape[2]
+    assert q.is_contiguous() and positions.is_contiguous()
     assert keys.stride() == values.stride() and keys.stride(3) == 1
     G = H // Hkv
     GP = max(16, triton.next_power_of_2(G))
@@ -212,6 +215,7 @@ def _silu_mul_kernel(gu_ptr, out_ptr, F, BLOCK: tl.constexpr):
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: (B, 2F), gate then up (the fused w1/w3 output); returns silu(gate) * up, (B, F)."""
     B, F2 = gate_up.shape
+    assert gate_up.is_contiguous()
     F = F2 // 2
     out = torch.empty(B, F, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
