@@ -39,6 +39,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,47 @@ SAMPLED = dict(temperature=0.8, top_k=50, top_p=0.95, min_p=0.02, repetition_pen
                presence_penalty=0.2, frequency_penalty=0.2)
 
 
+def request_params(new: int, sampled: bool) -> SamplingParams:
+    """`new` tokens per request, ignoring EOS: greedy, or with SAMPLED's parameters."""
+    return SamplingParams(max_tokens=new, ignore_eos=True,
+                          **(SAMPLED if sampled else {"temperature": 0}))
+
+
+def kernel_times(prof: Any, device: torch.device, steps: int) -> tuple[dict[str, float], int]:
+    """ms per step of each profiled op or kernel with time of its own (device time on a GPU,
+    CPU time elsewhere), and the number of such events per step."""
+    times: dict[str, float] = {}
+    events = 0
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", 0.0) or 0.0
+        if device.type != "cuda":
+            us = event.self_cpu_time_total
+        if us > 0 and not event.key.startswith("ProfilerStep"):
+            times[event.key] = us / steps / 1000
+            events += event.count
+    return times, round(events / steps)
+
+
+def host_waits(fn: Callable[[], Any]) -> dict[str, int]:
+    """Where fn() made the host wait for the device (torch's sync debug mode), file:line ->
+    count. Waits on events, the engine's one intended wait per step, are not counted."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    places: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where = f"{Path(w.filename).name}:{w.lineno}"
+            places[where] = places.get(where, 0) + 1
+    return places
+
+
 def time_engine(llm: mistral7b.LLM, streams: int, prompt_len: int, new: int,
                 static: bool, compile: bool = False, sampled: bool = False) -> dict[str, float]:
     """Generation for `streams` requests at once through the serving engine, greedy or with
@@ -136,8 +179,7 @@ def time_engine(llm: mistral7b.LLM, streams: int, prompt_len: int, new: int,
                     prefill_chunk=prompt_len, dtype=llm.cache_dtype, static_decode=static,
                     compile=compile)
     engine.start()
-    params = SamplingParams(max_tokens=new, ignore_eos=True,
-                            **(SAMPLED if sampled else {"temperature": 0}))
+    params = request_params(new, sampled)
     try:
         engine_round(engine, streams, prompt_len, params)          # warm-up: graphs captured
         return engine_round(engine, streams, prompt_len, params)
@@ -203,15 +245,7 @@ def step_breakdown(llm: mistral7b.LLM, context: int, steps: int = 16) -> dict[st
         for _ in range(steps):
             decoder.step([0], [1])
         sync(llm.device)
-    kernels: dict[str, float] = {}
-    launches = 0
-    for event in prof.key_averages():
-        device_us = getattr(event, "self_device_time_total", 0.0) or 0.0
-        if llm.device.type != "cuda":
-            device_us = event.self_cpu_time_total
-        if device_us > 0 and not event.key.startswith("ProfilerStep"):
-            kernels[event.key] = device_us / steps / 1000                # ms per step
-            launches += event.count
+    kernels, launches = kernel_times(prof, llm.device, steps)
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
     matmul = sum(ms for name, ms in kernels.items()
                  if any(w in name.lower() for w in ("gemm", "gemv", "mm", "matmul", "cublas")))
@@ -222,7 +256,7 @@ def step_breakdown(llm: mistral7b.LLM, context: int, steps: int = 16) -> dict[st
             "graph_step_context_4096_tok_s": round(graph_long_tok_s, 1),
             "eager_device_ms_per_step": round(sum(kernels.values()), 3),
             "eager_matmul_ms_per_step": round(matmul, 3),
-            "eager_kernels_per_step": round(launches / steps),
+            "eager_kernels_per_step": launches,
             "top_kernels_ms": {name[:80]: round(ms, 4) for name, ms in top}}
 
 
@@ -253,11 +287,7 @@ def fused_against_plain(llm: mistral7b.LLM, prompt_len: int, reference: Path | N
     against the same steps in float32 (plain layers), to tell rounding from a fault."""
     torch.manual_seed(1)
     prompt = torch.randint(3, 1000, (prompt_len,)).tolist()
-    llm.model.fused_decode = False
-    try:
-        plain, forced = teacher_forced(llm, prompt, steps)
-    finally:
-        llm.model.fused_decode = True
+    plain, forced = plain_layers(llm, lambda: teacher_forced(llm, prompt, steps))
     fused, _ = teacher_forced(llm, prompt, steps, forced)
     same = (plain.argmax(-1) == fused.argmax(-1)).float().mean().item()
     result = {"steps": steps, "max_abs_logit_diff": round((plain - fused).abs().max().item(), 4),
@@ -286,8 +316,6 @@ def sampling_breakdown(device: torch.device, vocab: int = 32000, steps: int = 10
     which the sampler takes on the CPU only; parameter columns uploaded once): host ms to queue
     one step, ms per step, host waits inside a step, its top kernels; and whether every variant
     draws the same tokens from the same seeds."""
-    import warnings
-
     from torch.profiler import ProfilerActivity, profile
 
     import mistral7b.batch_sampling as batch_sampling
@@ -301,7 +329,7 @@ def sampling_breakdown(device: torch.device, vocab: int = 32000, steps: int = 10
         for name, (topk, cache) in variants.items():
             batch_sampling.TOPK_CANDIDATES, batch_sampling.CACHE_CONSTANTS = topk, cache
             for rows in (1, 16):
-                params = SamplingParams(max_tokens=10**6, ignore_eos=True, seed=7, **SAMPLED)
+                params = replace(request_params(10**6, sampled=True), seed=7)
                 sampler = BatchSampler(rows, vocab, device)
                 for r in range(rows):
                     sampler.start(r, params, list(range(3, 131)))
@@ -324,14 +352,7 @@ def sampling_breakdown(device: torch.device, vocab: int = 32000, steps: int = 10
                 wall_ms = (time.perf_counter() - wall) * 1000 / steps
                 waits = 0
                 if device.type == "cuda":
-                    with warnings.catch_warnings(record=True) as caught:
-                        warnings.simplefilter("always")
-                        torch.cuda.set_sync_debug_mode("warn")
-                        try:
-                            sampler.launch(batch, logits[0])
-                        finally:
-                            torch.cuda.set_sync_debug_mode("default")
-                    waits = sum("synchroniz" in str(w.message) for w in caught)
+                    waits = sum(host_waits(partial(sampler.launch, batch, logits[0])).values())
                 activities = [ProfilerActivity.CPU]
                 if device.type == "cuda":
                     activities.append(ProfilerActivity.CUDA)
@@ -339,17 +360,13 @@ def sampling_breakdown(device: torch.device, vocab: int = 32000, steps: int = 10
                     for i in range(10):
                         sampler.launch(batch, logits[i % 8])
                     sync(device)
-                kernels = {}
-                for event in prof.key_averages():
-                    us = (getattr(event, "self_device_time_total", 0.0) or 0.0
-                          if device.type == "cuda" else event.self_cpu_time_total)
-                    if us > 0:
-                        kernels[event.key[:60]] = round(us / 10, 1)
-                top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:6])
+                kernels, _ = kernel_times(prof, device, 10)
+                top = sorted(kernels.items(), key=lambda kv: -kv[1])[:6]
                 result[f"{name}_b{rows}"] = {
                     "host_ms_per_step": round(host_ms, 3), "ms_per_step": round(wall_ms, 3),
-                    "host_waits": waits, "device_us_per_step": round(sum(kernels.values()), 1),
-                    "top_us": top}
+                    "host_waits": waits,
+                    "device_us_per_step": round(1000 * sum(kernels.values()), 1),
+                    "top_us": {key[:60]: round(1000 * ms, 1) for key, ms in top}}
     finally:
         batch_sampling.TOPK_CANDIDATES = batch_sampling.CACHE_CONSTANTS = True
     result["same_tokens"] = all(drawn[f"{n}_b{r}"] == drawn[f"before_b{r}"]
@@ -372,31 +389,17 @@ def host_syncs(llm: mistral7b.LLM, prompt_len: int, new: int = 32, sampled: bool
     (torch's sync debug mode). Each iteration should have one, the wait for a step's tokens
     (an event, which the mode does not count); any other one stops the engine from queueing
     the next step before reading the last."""
-    import warnings
-
     if llm.device.type != "cuda":
         return {"skipped": "not a CUDA device"}
-    params = SamplingParams(max_tokens=new, ignore_eos=True,
-                            **(SAMPLED if sampled else {"temperature": 0}))
+    params = request_params(new, sampled)
     engine = Engine(llm.model, llm.tokenizer, max_batch=2, prefill_chunk=prompt_len,
                     dtype=llm.cache_dtype)
     engine.start()
     try:
         engine_round(engine, 2, prompt_len, params)            # graphs captured
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                engine_round(engine, 2, prompt_len, params)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+        places = host_waits(lambda: engine_round(engine, 2, prompt_len, params))
     finally:
         engine.stop()
-    places: dict[str, int] = {}
-    for w in caught:
-        if "synchroniz" in str(w.message):
-            where = f"{Path(w.filename).name}:{w.lineno}"
-            places[where] = places.get(where, 0) + 1
     return {"syncs": sum(places.values()), "tokens": 2 * new, "where": places}
 
 
@@ -552,18 +555,12 @@ def summarise(results: dict[str, Any], streams: list[int]) -> None:
     for b in streams:
         entry = results.get(f"decode_b{b}") or {}
         rows.append((f"decode {b} streams (tok/s)", entry.get("decode_tok_s")))
-    for b in streams:
-        entry = results.get(f"decode_b{b}_compiled") or {}
-        if entry:
-            rows.append((f"compiled, {b} streams (tok/s)", entry.get("decode_tok_s")))
-    for b in streams:
-        entry = results.get(f"decode_b{b}_sampled") or {}
-        if entry:
-            rows.append((f"sampled, {b} streams (tok/s)", entry.get("decode_tok_s")))
-    for b in streams:
-        entry = results.get(f"decode_b{b}_plain_layers") or {}
-        if entry:
-            rows.append((f"plain layers, {b} streams (tok/s)", entry.get("decode_tok_s")))
+    for suffix, label in (("compiled", "compiled"), ("sampled", "sampled"),
+                          ("plain_layers", "plain layers")):
+        for b in streams:
+            entry = results.get(f"decode_b{b}_{suffix}") or {}
+            if entry:
+                rows.append((f"{label}, {b} streams (tok/s)", entry.get("decode_tok_s")))
     plain = results.get("decode_b1_plain_step") or {}
     rows.append(("decode b1, plain step", plain.get("decode_tok_s")))
     rows += [("transformers b1", hf1), ("transformers b16", hf16),
