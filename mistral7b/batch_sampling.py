@@ -294,8 +294,8 @@ def _top_k_top_p(scaled: torch.Tensor, top_k: list[int], top_p: list[float],
     keep = torch.empty(scaled.shape, dtype=torch.bool, device=device)
     for group, width in ((narrow, CANDIDATES), (wide, V)):
         index = const(group, torch.int64)
-        keep[index] = _filter(scaled[index], [ks[b] for b in group], [top_p[b] for b in group],
-                              const, width)
+        keep.index_copy_(0, index, _filter(scaled.index_select(0, index), [ks[b] for b in group],
+                                           [top_p[b] for b in group], const, width))
     return keep
 
 
