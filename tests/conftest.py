@@ -34,6 +34,40 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
     return False
 
 
+# Three prompts decoded past the window's wrap (greedy_run).
+PROMPTS = [[5, 9, 1, 77, 3], [4] * 13, [100, 2]]
+STEPS = 2 * WINDOW + 3                  # every row wraps its window-sized buffer
+
+
+def greedy_run(model: torch.nn.Module, device: str, decoder_args: dict | None,
+               dtype: torch.dtype = torch.float32, forced: list[list[int]] | None = None
+               ) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy tokens and per-step logits (on the host) of three rows; row 1 leaves half-way,
+    so the later steps run rows 0 and 2 only (a padded bucket for the static decoder).
+    decoder_args: a StaticDecoder's keyword arguments, or None for the plain step. forced: feed
+    each step these tokens (another run's history) instead of its own greedy choice."""
+    from mistral7b.cache import RollingCache
+    from mistral7b.generate import decode_step, prefill
+    from mistral7b.static_decode import StaticDecoder
+
+    cache = RollingCache(model.config, rows=4, dtype=dtype, device=device, initial_slots=4)
+    decoder = StaticDecoder(model, cache, **decoder_args) if decoder_args is not None else None
+    rows = [0, 1, 2]
+    tokens = prefill(model, cache, rows, PROMPTS, 8).argmax(-1).tolist()
+    history, logits = [list(tokens)], []
+    for i in range(STEPS):
+        if forced is not None:
+            tokens = forced[i]
+        if i == STEPS // 2:
+            rows, tokens = [0, 2], [tokens[0], tokens[-1]]
+        step = (decoder.step(rows, tokens) if decoder is not None
+                else decode_step(model, cache, rows, tokens))
+        logits.append(step.cpu())
+        tokens = step.argmax(-1).tolist()
+        history.append(list(tokens))
+    return history, logits
+
+
 def make_hf_mistral(window: int | None = WINDOW, vocab: int = 128, seed: int = 0,
                     **overrides: object) -> torch.nn.Module:
     from transformers import MistralConfig, MistralForCausalLM

@@ -21,11 +21,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import mistral7b  # noqa: E402
 from mistral7b import gpu_decode, gpu_kernels  # noqa: E402
-from mistral7b.cache import RollingCache, _slot_positions  # noqa: E402
-from mistral7b.generate import decode_step, prefill  # noqa: E402
+from mistral7b.cache import _slot_positions  # noqa: E402
 from mistral7b.rope import apply_rope, rope_rotations  # noqa: E402
-from mistral7b.static_decode import StaticDecoder  # noqa: E402
-from tests.conftest import WINDOW, make_hf_mistral, save_hf  # noqa: E402
+from tests.conftest import STEPS, greedy_run, make_hf_mistral, save_hf  # noqa: E402
 
 HALF = torch.float16
 DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]
@@ -138,33 +136,6 @@ def half_llm(tmp_path_factory: pytest.TempPathFactory) -> mistral7b.LLM:
     return mistral7b.load(directory / "m", dtype="float16", device=DEVICE, progress=False)
 
 
-PROMPTS = [[5, 9, 1, 77, 3], [4] * 13, [100, 2]]
-STEPS = 2 * WINDOW + 3                  # every row wraps its window-sized buffer
-
-
-def greedy(llm: mistral7b.LLM, static: bool, forced: list[list[int]] | None = None
-           ) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Greedy tokens and logits of three rows (row 1 leaves half-way), plain or static steps;
-    with `forced`, each step is fed those tokens instead of its own choice."""
-    model = llm.model
-    cache = RollingCache(model.config, rows=4, dtype=HALF, device=DEVICE, initial_slots=4)
-    decoder = StaticDecoder(model, cache) if static else None    # graphs on a GPU
-    rows = [0, 1, 2]
-    tokens = prefill(model, cache, rows, PROMPTS, 8).argmax(-1).tolist()
-    history, logits = [list(tokens)], []
-    for i in range(STEPS):
-        if forced is not None:
-            tokens = forced[i]
-        if i == STEPS // 2:
-            rows, tokens = [0, 2], [tokens[0], tokens[-1]]
-        step = (decoder.step(rows, tokens) if decoder is not None
-                else decode_step(model, cache, rows, tokens))
-        logits.append(step.cpu())
-        tokens = step.argmax(-1).tolist()
-        history.append(list(tokens))
-    return history, logits
-
-
 @pytest.mark.parametrize("static", [False, True])
 def test_decode_layers_follow_the_plain_layers_past_the_window(
         half_llm: mistral7b.LLM, static: bool, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,11 +145,12 @@ def test_decode_layers_follow_the_plain_layers_past_the_window(
     real = gpu_decode.decode_layers
     monkeypatch.setattr(gpu_decode, "decode_layers", lambda *a: calls.append(1) or real(*a))
     half_llm.model.fused_decode = False
-    plain_tokens, plain_logits = greedy(half_llm, static)
+    decoder = {} if static else None                           # graphs on a GPU
+    plain_tokens, plain_logits = greedy_run(half_llm.model, DEVICE, decoder, HALF)
     assert not calls
     half_llm.model.fused_decode = True
     monkeypatch.setattr(gpu_decode, "DEVICE_TYPES", ("cuda", "cpu"))
-    _, fused_logits = greedy(half_llm, static, forced=plain_tokens)
+    _, fused_logits = greedy_run(half_llm.model, DEVICE, decoder, HALF, forced=plain_tokens)
     # The plain step of rows [0, 2] is not contiguous; CUDA graphs call it once per capture.
     assert len(calls) >= (STEPS // 2 if DEVICE == "cpu" or not static else 1)
     for i, (a, b) in enumerate(zip(fused_logits, plain_logits, strict=True)):

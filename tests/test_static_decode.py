@@ -14,39 +14,17 @@ import mistral7b
 from mistral7b.cache import RollingCache
 from mistral7b.engine import Engine, EngineOutput
 from mistral7b.engine.engine import run_requests
-from mistral7b.generate import decode_step, prefill
+from mistral7b.generate import decode_step
 from mistral7b.sampling import SamplingParams
 from mistral7b.static_decode import StaticDecoder
-from tests.conftest import WINDOW, wait_until
+from tests.conftest import PROMPTS, WINDOW, greedy_run, wait_until
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-PROMPTS = [[5, 9, 1, 77, 3], [4] * 13, [100, 2]]
-STEPS = 2 * WINDOW + 3                  # every row wraps its window-sized buffer
 
 
 @pytest.fixture(scope="module")
 def llm(mistral_dir: Path) -> mistral7b.LLM:
     return mistral7b.load(mistral_dir, progress=False)
-
-
-def greedy_run(model: torch.nn.Module, device: str, decoder_args: dict | None
-               ) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Greedy tokens and per-step logits of three rows; row 1 leaves half-way, so the later
-    steps run rows 0 and 2 only (a padded bucket for the static decoder)."""
-    cache = RollingCache(model.config, rows=4, device=device, initial_slots=4)
-    decoder = StaticDecoder(model, cache, **decoder_args) if decoder_args is not None else None
-    rows = [0, 1, 2]
-    tokens = prefill(model, cache, rows, PROMPTS, 8).argmax(-1).tolist()
-    history, logits = [list(tokens)], []
-    for i in range(STEPS):
-        if i == STEPS // 2:
-            rows, tokens = [0, 2], [tokens[0], tokens[2]]
-        step = (decoder.step(rows, tokens) if decoder is not None
-                else decode_step(model, cache, rows, tokens))
-        logits.append(step.cpu())
-        tokens = step.argmax(-1).tolist()
-        history.append(list(tokens))
-    return history, logits
 
 
 def assert_same(a: tuple[list[list[int]], list[torch.Tensor]],
