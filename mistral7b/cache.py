@@ -125,15 +125,8 @@ class RollingCache:
 
     def begin(self, rows: list[int], n_new: list[int]) -> CacheStep:
         """Plan a forward pass that appends n_new[b] tokens to row rows[b]."""
-        starts = [self.lengths[r] for r in rows]
+        starts = self._make_room(rows, n_new)
         ends = [p + n for p, n in zip(starts, n_new, strict=True)]
-        if self.window is None and max(ends) > self.max_slots:
-            worst = max(range(len(rows)), key=lambda b: ends[b])
-            raise ContextLengthError(
-                f"sequence of {ends[worst]} tokens ({starts[worst]} already processed + "
-                f"{n_new[worst]} new) exceeds the context length of {self.max_slots} tokens "
-                "(this model has no sliding window, so it cannot attend past its context)")
-        self._grow(max(ends))
         S, T, W = self.slots, max(n_new), self.window
         device = self.k.device
         B = len(rows)
@@ -179,6 +172,16 @@ class RollingCache:
             mask=mask[:, None], write_b=write_b, write_t=write_t, write_row=rows_t[write_b],
             write_slot=write_slot, causal=causal)
 
+    def begin_decode(self, rows: list[int], n_new: list[int]) -> list[int]:
+        """The host's half of a one-token step that the C++ decode step plans itself (it
+        computes `begin`'s slots and mask from these lengths): checks that the tokens fit,
+        grows the buffers, returns the positions each row has seen. `advance` ends the step."""
+        return self._make_room(rows, n_new)
+
+    def advance(self, rows: list[int], n_new: list[int]) -> None:
+        for r, n in zip(rows, n_new, strict=True):
+            self.lengths[r] += n
+
     def decode_plan(self, positions: torch.Tensor, write_rows: torch.Tensor) -> CacheStep:
         """A one-token step over rows 0..R-1, built on the device from tensors alone: no host
         data, no sync and shapes that depend only on (R, slots), which is what CUDA graphs and
@@ -216,8 +219,7 @@ class RollingCache:
         return keys, values
 
     def end(self, step: CacheStep) -> None:
-        for r, n in zip(step.rows.tolist(), step.n_new, strict=True):
-            self.lengths[r] += n
+        self.advance(step.rows.tolist(), step.n_new)
 
     # ---- internals ----------------------------------------------------------------------
 
@@ -239,6 +241,20 @@ class RollingCache:
             return
         self.k[layer][where] = k_new[step.write_b, :, step.write_t].to(self.k.dtype)
         self.v[layer][where] = v_new[step.write_b, :, step.write_t].to(self.v.dtype)
+
+    def _make_room(self, rows: list[int], n_new: list[int]) -> list[int]:
+        """Check that row rows[b] can take n_new[b] more tokens and grow the buffers for them;
+        the positions each row has seen so far."""
+        starts = [self.lengths[r] for r in rows]
+        ends = [p + n for p, n in zip(starts, n_new, strict=True)]
+        if self.window is None and max(ends) > self.max_slots:
+            worst = max(range(len(rows)), key=lambda b: ends[b])
+            raise ContextLengthError(
+                f"sequence of {ends[worst]} tokens ({starts[worst]} already processed + "
+                f"{n_new[worst]} new) exceeds the context length of {self.max_slots} tokens "
+                "(this model has no sliding window, so it cannot attend past its context)")
+        self._grow(max(ends))
+        return starts
 
     def _grow(self, needed: int) -> None:
         """Enlarge every row's buffer before any row wraps, so slot = position still holds."""

@@ -1,38 +1,78 @@
-"""A decode step in one C++ call (quant/csrc/decode.cpp) instead of ~15 PyTorch ops per layer.
+"""A decode step in one C++ call (quant/csrc/decode.cpp), from token ids to logits, instead of
+~15 PyTorch ops per layer and ~40 more around the layers.
 
 `Transformer.forward` uses it for one new token per sequence when every projection is packed in
-a format the compiled kernels know, the norms are float32 and the cache is float32 or float16 on
-the CPU; otherwise it runs the Python layers. Both compute the same thing (tests compare them).
+a format the compiled kernels know, the embedding and the output head are packed or float32,
+the norms are float32 and the cache is float32 or float16 on the CPU; otherwise it runs the
+Python layers. Both compute the same thing (tests compare them). The host keeps the cache's
+book-keeping (which positions each row has seen, growing the buffers); the C++ step plans the
+slots and the mask from those lengths with RollingCache.begin's arithmetic.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from mistral7b.quant import kernels
 from mistral7b.quant.formats import FORMATS
-from mistral7b.quant.modules import QuantLinear
+from mistral7b.quant.modules import QuantEmbedding, QuantLinear
+from mistral7b.rope import rope_rotations
 
 if TYPE_CHECKING:
-    from mistral7b.cache import CacheStep, RollingCache
+    from mistral7b.cache import RollingCache
     from mistral7b.model import Transformer
+
+F32 = 0  # ggml's type id for float32: an embedding or head the loader left unpacked
 
 
 @dataclass
 class DecodeWeights:
-    """What decode_layers needs, gathered once per model: per layer its two norm weights and its
-    four packed projections (wqkv, wo, w13, w2) with their ggml type ids."""
+    """What decode_step needs, gathered once per model: per layer its two norm weights and its
+    four packed projections (wqkv, wo, w13, w2) with their ggml type ids, then the embedding
+    table, the final norm and the output head (a tied model's head is its embedding table)."""
 
     norms: list[torch.Tensor]
     weights: list[torch.Tensor]
     types: list[int]
+    embedding: tuple[torch.Tensor, int]
+    final_norm: torch.Tensor
+    head: tuple[torch.Tensor, int]
+    head_dim: int
+    rope_theta: float
+    # (positions, head_dim / 2, 2) float32: (cos, sin) of every angle of positions 0, 1, ...,
+    # the very values rope_rotations gives each position; grown by doubling.
+    rope: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0, 2))
+
+    def rope_table(self, last_position: int) -> torch.Tensor:
+        if last_position >= self.rope.shape[0]:
+            n = max(1024, 2 * self.rope.shape[0], last_position + 1)
+            angles = rope_rotations(torch.arange(n)[None], self.head_dim, self.rope_theta)
+            self.rope = torch.view_as_real(angles[0, :, 0]).contiguous()
+        return self.rope
+
+
+def _matrix(module: nn.Module | None) -> tuple[torch.Tensor, int] | None:
+    """A projection's or embedding's weight as decode_step takes it: packed rows with their
+    ggml type, or a float32 matrix (type F32); None for anything else."""
+    if isinstance(module, (QuantLinear, QuantEmbedding)):
+        if module.fmt not in kernels.FAST_FORMATS:
+            return None
+        if isinstance(module, QuantEmbedding) and module.dtype != torch.float32:
+            return None
+        return module.weight.contiguous(), FORMATS[module.fmt].ggml_type
+    if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.dtype == torch.float32:
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            return None
+        return module.weight.detach().contiguous(), F32
+    return None
 
 
 def gather(model: Transformer) -> DecodeWeights | None:
-    """The model's weights in decode_layers' order; None when the fused step cannot run it."""
+    """The model's weights in decode_step's order; None when the fused step cannot run it."""
     from mistral7b.model import Block  # here, not at the top: model.py imports this module
 
     if model.device.type != "cpu" or kernels.extension() is None:
@@ -55,26 +95,31 @@ def gather(model: Transformer) -> DecodeWeights | None:
             assert isinstance(p, QuantLinear)
             weights.append(p.weight.contiguous())
             types.append(FORMATS[p.fmt].ggml_type)
-    return DecodeWeights(norms, weights, types)
+    embedding = _matrix(model.tok_embeddings)
+    head = _matrix(model.output if model.output is not None else model.tok_embeddings)
+    if embedding is None or head is None or model.norm.weight.dtype != torch.float32:
+        return None
+    cfg = model.config
+    return DecodeWeights(norms, weights, types, embedding, model.norm.weight.detach().contiguous(),
+                         head, cfg.head_dim, cfg.rope_theta)
 
 
-def can_run(cache: RollingCache, h: torch.Tensor) -> bool:
-    return (cache.k.dtype in (torch.float32, torch.float16) and h.dtype == torch.float32
-            and cache.k.is_contiguous() and cache.v.is_contiguous())
+def can_run(cache: RollingCache, n_new: list[int]) -> bool:
+    return (cache.k.dtype in (torch.float32, torch.float16) and cache.k.device.type == "cpu"
+            and cache.k.is_contiguous() and cache.v.is_contiguous()
+            and all(n in (0, 1) for n in n_new))
 
 
-def decode_layers(model: Transformer, plan: DecodeWeights, h: torch.Tensor,
-                  cache: RollingCache, step: CacheStep, rotations: torch.Tensor) -> torch.Tensor:
-    """Every layer for h (B, 1, dim), one new token per row; returns (B, 1, dim)."""
+def decode_step(model: Transformer, plan: DecodeWeights, tokens: torch.Tensor,
+                cache: RollingCache, rows: list[int], n_new: list[int]) -> torch.Tensor:
+    """Append tokens (B, 1) to cache rows `rows` (n_new[b] = 1, or 0 for a row that only pads
+    the batch); (B, vocab) float32 logits."""
     ext = kernels.extension()
     assert ext is not None
-    B = h.shape[0]
-    # Rows with no new token (padding) write nothing; the others write at their planned slot.
-    write_slot = torch.full((B,), -1, dtype=torch.int64)
-    write_slot[step.write_b] = step.write_slot
-    mask = step.mask[:, 0, 0, : step.n_slots]                            # (B, n_slots)
-    rope = torch.view_as_real(rotations[:, 0, 0])                       # (B, hd / 2, 2)
-    out = ext.decode_layers(h[:, 0], plan.norms, plan.weights, plan.types, cache.k, cache.v,
-                            step.rows, write_slot, mask, rope, model.config.n_heads,
-                            model.config.norm_eps)
-    return out[:, None]
+    starts = cache.begin_decode(rows, n_new)
+    logits = ext.decode_step(
+        tokens, rows, starts, n_new, cache.window or 0, plan.rope_table(max(starts)),
+        *plan.embedding, plan.norms, plan.weights, plan.types, plan.final_norm, *plan.head,
+        cache.k, cache.v, model.config.n_heads, model.config.norm_eps)
+    cache.advance(rows, n_new)
+    return logits

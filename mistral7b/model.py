@@ -180,9 +180,9 @@ class Transformer(nn.Module):
         # Tied models (many Llama-family ones) reuse the embedding matrix as the output head.
         self.output: nn.Module | None = (
             None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False))
-        # Decode steps run fused: packed models on the CPU as one C++ call (fused_decode.py),
-        # half-precision models on CUDA through a few Triton kernels (gpu_decode.py). False
-        # forces the Python layers (benchmarks and tests compare the two).
+        # Decode steps run fused: packed models on the CPU as one C++ call from token ids to
+        # logits (fused_decode.py), half-precision models on CUDA through a few Triton kernels
+        # (gpu_decode.py). False forces the Python layers (benchmarks and tests compare them).
         self.fused_decode = True
         self._decode_weights: fused_decode.DecodeWeights | None = None
         self._decode_weights_known = False
@@ -232,6 +232,11 @@ class Transformer(nn.Module):
     def _forward(self, tokens: torch.Tensor, cache: RollingCache, rows: list[int],
                  n_new: list[int], last_only: bool) -> torch.Tensor:
         B = tokens.shape[0]
+        if tokens.shape[1] == 1:
+            plan = self._fused_decode_plan()
+            if plan is not None and fused_decode.can_run(cache, n_new):
+                logits = fused_decode.decode_step(self, plan, tokens, cache, rows, n_new)
+                return logits if last_only else logits[:, None]
         step = cache.begin(rows, n_new)
         h = self.run_layers(tokens, cache, step)
         cache.end(step)
@@ -247,12 +252,8 @@ class Transformer(nn.Module):
         static_decode.py plans it on the device."""
         rotations = rope_rotations(step.positions, self.config.head_dim, self.config.rope_theta)
         h = self.tok_embeddings(tokens)                                  # (B, T, dim)
-        if tokens.shape[1] == 1:
-            plan = self._fused_decode_plan()
-            if plan is not None and fused_decode.can_run(cache, h):
-                return fused_decode.decode_layers(self, plan, h, cache, step, rotations)
-            if gpu_decode.can_run(self, cache, step, h):
-                return gpu_decode.decode_layers(self, h, cache, step, rotations)
+        if tokens.shape[1] == 1 and gpu_decode.can_run(self, cache, step, h):
+            return gpu_decode.decode_layers(self, h, cache, step, rotations)
         for i, layer in enumerate(self.layers):
             h = layer(h, rotations, cache, i, step)
         return h

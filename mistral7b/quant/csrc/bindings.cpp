@@ -9,6 +9,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefetch_bytes", &prefetch_bytes, "how far ahead the matmuls prefetch weights (bytes)");
   m.def("set_prefetch_bytes", &set_prefetch_bytes, "set the prefetch distance (0 = off)");
   m.def("stream_read", &stream_read, "read a uint8 buffer once, in parallel (bandwidth probe)");
-  m.def("decode_layers", &decode_layers,
-        "every transformer layer for one new token per sequence (see decode.cpp)");
+  m.def("decode_step", &decode_step,
+        "one decode step, embedding to logits, for one new token per sequence (decode.cpp)");
 }

@@ -1,25 +1,33 @@
-// One decode step (one new token per sequence) through every transformer layer, in C++.
+// One decode step (one new token per sequence), from token ids to logits, in C++.
 //
 // This is model.py's forward pass for T == 1, for models whose projections are packed (GGUF
-// block formats) and whose rolling cache is float32 or float16 (read and written with F16C). It exists because the Python path spends
-// ~15 PyTorch ops per layer, about 180 us of dispatch per layer on a 2-core machine: for a
-// small model that is more than the layer's own matmuls. Here a step is one call.
+// block formats) and whose rolling cache is float32 or float16 (read and written with F16C). It
+// exists because the Python path spends ~15 PyTorch ops per layer, about 180 us of dispatch per
+// layer on a 2-core machine, plus ~40 small ops around the layers (cache planning, RoPE angles,
+// embedding, final norm): for a small model that is more than its own matmuls. Here a step is
+// one call.
 //
-// For each layer l and each of the B sequences (x[b]: its residual stream, dim values):
+// Row b of the batch appends token ids[b] at position start[b] of cache row rows[b]:
+//   x     = embedding[ids[b]]
+//   the slot it writes (start mod S) and the slots it may see: plan_step, RollingCache.begin's
+//   arithmetic for one token
+// then for each layer l (x: the row's residual stream, dim values):
 //   a     = rms_norm(x) * norms[2l]
 //   qkv   = a @ Wqkv^T              H query heads, then Hkv key heads, then Hkv value heads
-//   rotate the pairs (2i, 2i+1) of every query and key head by rope[b, i] = (cos, sin)
-//   store the key and value heads at slot write_slot[b] of cache row rows[b] (none if < 0)
-//   o[h]  = softmax(q[h] . k[s] / sqrt(hd) over the slots s < n_slots that mask[b, s] allows)
+//   rotate the pairs (2i, 2i+1) of every query and key head by (cos, sin) of the position's
+//   angle i, read from rope_table (rope.py's rope_rotations for positions 0, 1, 2, ...)
+//   store the key and value heads at the row's slot
+//   o[h]  = softmax(q[h] . k[s] / sqrt(hd) over the slots s the mask allows)
 //           weighted sum of v[s], reading kv head h / (H / Hkv) (grouped-query attention; the
 //           H / Hkv query heads of a kv head are done together, reading its cache once)
 //   x    += o @ Wo^T
 //   a     = rms_norm(x) * norms[2l + 1]
 //   g, u  = the two halves of a @ W13^T
 //   x    += (silu(g) * u) @ W2^T
-// weights[4l .. 4l + 3] are Wqkv, Wo, W13, W2 in the ggml types types[4l .. 4l + 3]. The cache
-// is written before attending, which RollingCache guarantees is safe for a single new token (it
-// plans the slots and the mask; see cache.py).
+// and last logits = rms_norm(x) * final_norm @ head^T.
+// weights[4l .. 4l + 3] are Wqkv, Wo, W13, W2 in the ggml types types[4l .. 4l + 3]; the
+// embedding and the head are packed too, or float32 (type 0). The cache is written before
+// attending, which is safe for a single new token (see cache.py).
 
 #include "kernels.h"
 
@@ -123,7 +131,7 @@ void rotate(float* v, int64_t heads, int64_t hd, const float* cs) {
 // and value row is read once for all G heads. Slots whose mask byte is 0 are skipped. Writes G
 // heads of hd values to out; `scores` holds G * n floats.
 template <class C>
-void attend_group(const float* q, int64_t G, const C* K, const C* V, const bool* mask,
+void attend_group(const float* q, int64_t G, const C* K, const C* V, const uint8_t* mask,
                   int64_t n, int64_t hd, float* scores, float* out) {
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -185,59 +193,111 @@ void silu_mul(const float* g, const float* u, int64_t n, float* out) {
 
 namespace {
 
-template <class C>
-torch::Tensor decode_layers_impl(torch::Tensor x, const std::vector<torch::Tensor>& norms,
-                                 const std::vector<torch::Tensor>& weights,
-                                 const std::vector<int64_t>& types, torch::Tensor k_cache,
-                                 torch::Tensor v_cache, torch::Tensor rows,
-                                 torch::Tensor write_slot, torch::Tensor mask, torch::Tensor rope,
-                                 int64_t n_heads, double eps) {
-  const int64_t L = k_cache.size(0), R = k_cache.size(1), Hkv = k_cache.size(2);
-  const int64_t S = k_cache.size(3), hd = k_cache.size(4);
-  const int64_t B = x.size(0), dim = x.size(1), H = n_heads;
-  TORCH_CHECK(H % Hkv == 0, "decode_layers: ", H, " heads do not group over ", Hkv, " kv heads");
-  TORCH_CHECK(static_cast<int64_t>(norms.size()) == 2 * L &&
-              static_cast<int64_t>(weights.size()) == 4 * L &&
-              static_cast<int64_t>(types.size()) == 4 * L,
-              "decode_layers: need 2 norms and 4 weights per layer");
-  rows = rows.to(torch::kInt64).contiguous();
-  write_slot = write_slot.to(torch::kInt64).contiguous();
-  mask = mask.to(torch::kBool).contiguous();
-  rope = rope.to(torch::kFloat32).contiguous();
-  TORCH_CHECK(rows.numel() == B && write_slot.numel() == B, "decode_layers: one row per sequence");
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) <= S,
-              "decode_layers: mask must be (B, n_slots <= slots)");
-  TORCH_CHECK(rope.numel() == B * hd, "decode_layers: rope must be (B, hd / 2, 2)");
-  const int64_t n_slots = mask.size(1);
-  const int64_t* row = rows.data_ptr<int64_t>();
-  const int64_t* slot = write_slot.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; b++) {
-    TORCH_CHECK(0 <= row[b] && row[b] < R && slot[b] < S, "decode_layers: row/slot out of range");
-  }
-  const int64_t q_width = H * hd, kv_width = Hkv * hd, qkv_width = q_width + 2 * kv_width;
-  for (int64_t l = 0; l < L; l++) {
-    TORCH_CHECK(norms[2 * l].numel() == dim && norms[2 * l + 1].numel() == dim &&
-                norms[2 * l].scalar_type() == torch::kFloat32 &&
-                norms[2 * l + 1].scalar_type() == torch::kFloat32 &&
-                norms[2 * l].is_contiguous() && norms[2 * l + 1].is_contiguous(),
-                "decode_layers: norm weights must be contiguous float32 of size dim");
-    check_weight(weights[4 * l], dim, types[4 * l], "decode_layers (wqkv)");
-    check_weight(weights[4 * l + 1], q_width, types[4 * l + 1], "decode_layers (wo)");
-    check_weight(weights[4 * l + 2], dim, types[4 * l + 2], "decode_layers (w13)");
-    TORCH_CHECK(weights[4 * l].size(0) == qkv_width && weights[4 * l + 1].size(0) == dim &&
-                weights[4 * l + 2].size(0) == weights[2].size(0) && weights[2].size(0) % 2 == 0,
-                "decode_layers: projection shapes do not match the cache's heads");
-    check_weight(weights[4 * l + 3], weights[4 * l + 2].size(0) / 2, types[4 * l + 3],
-                 "decode_layers (w2)");
-    TORCH_CHECK(weights[4 * l + 3].size(0) == dim, "decode_layers: w2 must have dim rows");
-  }
+// ggml's type id for float32: embedding tables and output heads left unpacked (a checkpoint
+// quantized at load packs only the layers' projections).
+constexpr int64_t kF32 = 0;
 
-  x = x.contiguous().clone();
-  float* xp = x.data_ptr<float>();
+// Checks a packed weight (see check_weight) or a float32 one: N rows of K values.
+void check_matrix(const torch::Tensor& w, int64_t K, int64_t type, const char* what) {
+  if (type != kF32) {
+    check_weight(w, K, type, what);
+    return;
+  }
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.is_contiguous() &&
+              w.size(1) == K, what, ": a float32 weight must be contiguous (N, ", K, ")");
+}
+
+// Row `id` of an embedding table as dim float32 values.
+void embed_row(const torch::Tensor& table, int64_t type, int64_t id, int64_t dim, float* out) {
+  if (type == kF32) {
+    const float* row = table.data_ptr<float>() + id * dim;
+    std::copy(row, row + dim, out);
+    return;
+  }
+  dequantize_rows_into(table.data_ptr<uint8_t>(), table.size(1), type, dim, id, id + 1, out);
+}
+
+// y (M, N) = x (M, K) @ w.T, w packed (the integer kernel, as QuantLinear's decode path) or
+// float32 (one dot product per weight row, the row read once for all M inputs).
+void project(const float* x, int64_t M, int64_t K, const torch::Tensor& w, int64_t type,
+             float* y) {
+  const int64_t N = w.size(0);
+  if (type != kF32) {
+    qmatmul_into(x, M, K, w.data_ptr<uint8_t>(), N, w.size(1), type, y);
+    return;
+  }
+  const float* wp = w.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+      for (int64_t m = 0; m < M; m++) y[m * N + n] = dot(x + m * K, wp + n * K, K);
+    }
+  });
+}
+
+// Where each sequence's new token goes and which slots it sees: RollingCache.begin's arithmetic
+// for a one-token step (cache.py has a worked example). Row b of the batch is cache row row[b],
+// has seen start[b] positions and appends n_new[b] tokens: 1, or 0 for a row that only pads
+// the batch (it writes nothing and sees every slot; its output is ignored).
+struct StepPlan {
+  int64_t n_slots = 0;              // leading slots that may hold a position (max end, <= S)
+  std::vector<int64_t> row, slot;   // cache row, and the slot written (-1: none)
+  std::vector<uint8_t> mask;        // (B, n_slots): 1 where the new token may attend the slot
+  std::vector<float> rope;          // (B, hd): (cos, sin) of pair i at 2i, for the token's position
+};
+
+StepPlan plan_step(const std::vector<int64_t>& rows, const std::vector<int64_t>& starts,
+                   const std::vector<int64_t>& n_new, int64_t R, int64_t S, int64_t window,
+                   const torch::Tensor& rope_table, int64_t hd) {
+  const int64_t B = static_cast<int64_t>(rows.size());
+  TORCH_CHECK(static_cast<int64_t>(starts.size()) == B && static_cast<int64_t>(n_new.size()) == B,
+              "decode_step: rows, starts and n_new need one entry per sequence");
+  TORCH_CHECK(rope_table.dim() == 3 && rope_table.scalar_type() == torch::kFloat32 &&
+              rope_table.is_contiguous() && rope_table.size(1) * 2 == hd && rope_table.size(2) == 2,
+              "decode_step: rope_table must be contiguous float32 (positions, hd / 2, 2)");
+  StepPlan plan;
+  for (int64_t b = 0; b < B; b++) {
+    TORCH_CHECK(0 <= rows[b] && rows[b] < R, "decode_step: cache row ", rows[b], " out of range");
+    TORCH_CHECK(starts[b] >= 0 && starts[b] < rope_table.size(0),
+                "decode_step: position ", starts[b], " outside the rope table");
+    TORCH_CHECK(n_new[b] == 0 || n_new[b] == 1, "decode_step: one new token per row, or none");
+    plan.n_slots = std::max(plan.n_slots, starts[b] + n_new[b]);
+  }
+  plan.n_slots = std::min(plan.n_slots, S);
+  const int64_t n = plan.n_slots;
+  plan.row = rows;
+  plan.slot.assign(B, -1);
+  plan.mask.assign(B * n, 1);
+  plan.rope.resize(B * hd);
+  const float* table = rope_table.data_ptr<float>();
+  for (int64_t b = 0; b < B; b++) {
+    const int64_t pos = starts[b];
+    std::copy(table + pos * hd, table + (pos + 1) * hd, plan.rope.data() + b * hd);
+    if (n_new[b] == 0) continue;
+    plan.slot[b] = pos % S;
+    for (int64_t s = 0; s < n; s++) {
+      // The newest position congruent to s mod S among 0..pos (negative: never written).
+      const int64_t key = pos - (((pos - s) % S) + S) % S;
+      plan.mask[b * n + s] = key >= 0 && (window <= 0 || pos - key < window);
+    }
+  }
+  return plan;
+}
+
+// Every layer over x (B, dim), in place, for the tokens `plan` places.
+template <class C>
+void run_layers(float* xp, int64_t B, int64_t dim, const StepPlan& plan,
+                const std::vector<torch::Tensor>& norms, const std::vector<torch::Tensor>& weights,
+                const std::vector<int64_t>& types, torch::Tensor& k_cache, torch::Tensor& v_cache,
+                int64_t H, double eps) {
+  const int64_t L = k_cache.size(0), R = k_cache.size(1), Hkv = k_cache.size(2);
+  const int64_t S = k_cache.size(3), hd = k_cache.size(4), n_slots = plan.n_slots;
+  const int64_t q_width = H * hd, kv_width = Hkv * hd, qkv_width = q_width + 2 * kv_width;
   C* kc = k_cache.data_ptr<C>();
   C* vc = v_cache.data_ptr<C>();
-  const bool* mk = mask.data_ptr<bool>();
-  const float* cs = rope.data_ptr<float>();
+  const int64_t* row = plan.row.data();
+  const int64_t* slot = plan.slot.data();
+  const uint8_t* mk = plan.mask.data();
+  const float* cs = plan.rope.data();
   const int64_t hidden = weights[2].size(0) / 2;
   std::vector<float> a(B * std::max(dim, hidden)), qkv(B * qkv_width), attn(B * q_width);
   std::vector<float> proj(B * dim), gate_up(B * 2 * hidden);
@@ -246,8 +306,7 @@ torch::Tensor decode_layers_impl(torch::Tensor x, const std::vector<torch::Tenso
     for (int64_t i = 0; i < B * dim; i++) xp[i] += proj[i];
   };
   auto matmul = [&](const float* in, int64_t K, int64_t w, float* out) {
-    const torch::Tensor& wt = weights[w];
-    qmatmul_into(in, B, K, wt.data_ptr<uint8_t>(), wt.size(0), wt.size(1), types[w], out);
+    project(in, B, K, weights[w], types[w], out);
   };
 
   for (int64_t l = 0; l < L; l++) {
@@ -290,27 +349,81 @@ torch::Tensor decode_layers_impl(torch::Tensor x, const std::vector<torch::Tenso
     matmul(a.data(), hidden, 4 * l + 3, proj.data());
     residual_add();
   }
-  return x;
+}
+
+void check_layers(const std::vector<torch::Tensor>& norms,
+                  const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& types,
+                  const torch::Tensor& k_cache, int64_t dim, int64_t H) {
+  const int64_t L = k_cache.size(0), Hkv = k_cache.size(2), hd = k_cache.size(4);
+  TORCH_CHECK(H % Hkv == 0, "decode_step: ", H, " heads do not group over ", Hkv, " kv heads");
+  TORCH_CHECK(static_cast<int64_t>(norms.size()) == 2 * L &&
+              static_cast<int64_t>(weights.size()) == 4 * L &&
+              static_cast<int64_t>(types.size()) == 4 * L,
+              "decode_step: need 2 norms and 4 weights per layer");
+  const int64_t q_width = H * hd, qkv_width = q_width + 2 * Hkv * hd;
+  for (int64_t l = 0; l < L; l++) {
+    TORCH_CHECK(norms[2 * l].numel() == dim && norms[2 * l + 1].numel() == dim &&
+                norms[2 * l].scalar_type() == torch::kFloat32 &&
+                norms[2 * l + 1].scalar_type() == torch::kFloat32 &&
+                norms[2 * l].is_contiguous() && norms[2 * l + 1].is_contiguous(),
+                "decode_step: norm weights must be contiguous float32 of size dim");
+    check_matrix(weights[4 * l], dim, types[4 * l], "decode_step (wqkv)");
+    check_matrix(weights[4 * l + 1], q_width, types[4 * l + 1], "decode_step (wo)");
+    check_matrix(weights[4 * l + 2], dim, types[4 * l + 2], "decode_step (w13)");
+    TORCH_CHECK(weights[4 * l].size(0) == qkv_width && weights[4 * l + 1].size(0) == dim &&
+                weights[4 * l + 2].size(0) == weights[2].size(0) && weights[2].size(0) % 2 == 0,
+                "decode_step: projection shapes do not match the cache's heads");
+    check_matrix(weights[4 * l + 3], weights[4 * l + 2].size(0) / 2, types[4 * l + 3],
+                 "decode_step (w2)");
+    TORCH_CHECK(weights[4 * l + 3].size(0) == dim, "decode_step: w2 must have dim rows");
+  }
 }
 
 }  // namespace
 
-torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& norms,
-                            const std::vector<torch::Tensor>& weights,
-                            const std::vector<int64_t>& types, torch::Tensor k_cache,
-                            torch::Tensor v_cache, torch::Tensor rows, torch::Tensor write_slot,
-                            torch::Tensor mask, torch::Tensor rope, int64_t n_heads, double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "decode_layers: x (B, dim) fp32");
+torch::Tensor decode_step(torch::Tensor tokens, const std::vector<int64_t>& rows,
+                          const std::vector<int64_t>& starts, const std::vector<int64_t>& n_new,
+                          int64_t window, torch::Tensor rope_table, torch::Tensor embedding,
+                          int64_t embedding_type, const std::vector<torch::Tensor>& norms,
+                          const std::vector<torch::Tensor>& weights,
+                          const std::vector<int64_t>& types, torch::Tensor final_norm,
+                          torch::Tensor head, int64_t head_type, torch::Tensor k_cache,
+                          torch::Tensor v_cache, int64_t n_heads, double eps) {
   const auto kind = k_cache.scalar_type();
   TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
               v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == kind &&
               (kind == torch::kFloat32 || kind == torch::kFloat16),
-              "decode_layers: caches must be contiguous float32 or float16 tensors of shape "
+              "decode_step: caches must be contiguous float32 or float16 tensors of shape "
               "(layers, rows, kv heads, slots, head_dim)");
-  if (kind == torch::kFloat16) {
-    return decode_layers_impl<at::Half>(x, norms, weights, types, k_cache, v_cache, rows,
-                                        write_slot, mask, rope, n_heads, eps);
+  tokens = tokens.to(torch::kInt64).contiguous().view(-1);
+  const int64_t B = tokens.size(0), vocab = embedding.size(0);
+  const int64_t dim = final_norm.numel(), hd = k_cache.size(4);
+  TORCH_CHECK(final_norm.scalar_type() == torch::kFloat32 && final_norm.is_contiguous(),
+              "decode_step: the final norm weight must be contiguous float32");
+  check_matrix(embedding, dim, embedding_type, "decode_step (embedding)");
+  check_matrix(head, dim, head_type, "decode_step (output head)");
+  check_layers(norms, weights, types, k_cache, dim, n_heads);
+  TORCH_CHECK(static_cast<int64_t>(rows.size()) == B, "decode_step: one cache row per token");
+  const int64_t* ids = tokens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; b++) {
+    TORCH_CHECK(0 <= ids[b] && ids[b] < vocab, "decode_step: token id ", ids[b],
+                " outside the vocabulary of ", vocab);
   }
-  return decode_layers_impl<float>(x, norms, weights, types, k_cache, v_cache, rows, write_slot,
-                                   mask, rope, n_heads, eps);
+  const StepPlan plan = plan_step(rows, starts, n_new, k_cache.size(1), k_cache.size(3), window,
+                                  rope_table, hd);
+
+  std::vector<float> x(B * dim), normed(B * dim);
+  for (int64_t b = 0; b < B; b++) embed_row(embedding, embedding_type, ids[b], dim, &x[b * dim]);
+  if (kind == torch::kFloat16) {
+    run_layers<at::Half>(x.data(), B, dim, plan, norms, weights, types, k_cache, v_cache,
+                         n_heads, eps);
+  } else {
+    run_layers<float>(x.data(), B, dim, plan, norms, weights, types, k_cache, v_cache, n_heads,
+                      eps);
+  }
+  const float* w_norm = final_norm.data_ptr<float>();
+  for (int64_t b = 0; b < B; b++) rms_norm(&x[b * dim], w_norm, dim, eps, &normed[b * dim]);
+  auto logits = torch::empty({B, head.size(0)}, torch::kFloat32);
+  project(normed.data(), B, dim, head, head_type, logits.data_ptr<float>());
+  return logits;
 }

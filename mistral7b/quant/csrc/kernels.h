@@ -54,8 +54,12 @@ void prefill_matmul_into(const float* x, int64_t M, int64_t K, const uint8_t* w,
 torch::Tensor prefill_matmul(torch::Tensor x, torch::Tensor w, int64_t type);
 torch::Tensor dequantize(torch::Tensor w, int64_t type);
 
-torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& norms,
-                            const std::vector<torch::Tensor>& weights,
-                            const std::vector<int64_t>& types, torch::Tensor k_cache,
-                            torch::Tensor v_cache, torch::Tensor rows, torch::Tensor write_slot,
-                            torch::Tensor mask, torch::Tensor rope, int64_t n_heads, double eps);
+// decode.cpp: one whole decode step (embedding to logits) for one new token per sequence.
+torch::Tensor decode_step(torch::Tensor tokens, const std::vector<int64_t>& rows,
+                          const std::vector<int64_t>& starts, const std::vector<int64_t>& n_new,
+                          int64_t window, torch::Tensor rope_table, torch::Tensor embedding,
+                          int64_t embedding_type, const std::vector<torch::Tensor>& norms,
+                          const std::vector<torch::Tensor>& weights,
+                          const std::vector<int64_t>& types, torch::Tensor final_norm,
+                          torch::Tensor head, int64_t head_type, torch::Tensor k_cache,
+                          torch::Tensor v_cache, int64_t n_heads, double eps);
