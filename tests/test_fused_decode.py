@@ -14,7 +14,7 @@ from mistral7b.cache import RollingCache
 from mistral7b.generate import decode_step, prefill
 from mistral7b.model import Transformer
 from mistral7b.quant import kernels
-from tests.conftest import WINDOW
+from tests.conftest import WINDOW, make_hf_mistral, save_hf
 
 pytestmark = pytest.mark.skipif(kernels.extension() is None,
                                 reason="the compiled kernels are not available here")
@@ -73,6 +73,19 @@ def test_fused_step_on_non_contiguous_cache_rows(tiny_q8: Transformer) -> None:
     assert (slow - fast).abs().max().item() < 2e-4
 
 
+def test_fused_step_over_several_attention_chunks(tmp_path: Path) -> None:
+    # Attention cuts a row's slots into chunks of 64 and merges them: rows of 5, 70 and 120
+    # cached tokens (one, two and two chunks, the last crossing into a third), no window.
+    directory = save_hf(make_hf_mistral(window=None), tmp_path)
+    model = mistral7b.load(directory, quantize="q8_0").model
+    assert model._fused_decode_plan() is not None
+    prompts = [[3, 1, 4, 1, 5], [(5 * i) % 120 for i in range(70)],
+               [(11 * i + 2) % 120 for i in range(120)]]
+    slow, fast = decode_both(model, prompts, rows=[0, 1, 2], n_rows=3, steps=12)
+    assert (slow - fast).abs().max().item() < 2e-4
+    assert torch.equal(slow.argmax(-1), fast.argmax(-1))
+
+
 def test_fused_step_is_not_used_for_float_weights(mistral_dir: Path) -> None:
     model = mistral7b.load(mistral_dir).model
     assert model._fused_decode_plan() is None
@@ -80,7 +93,11 @@ def test_fused_step_is_not_used_for_float_weights(mistral_dir: Path) -> None:
 
 def test_default_model_fused_step_matches_python_layers() -> None:
     llm = mistral7b.load()
-    ids = llm.tokenizer.encode("The sliding window attention of Mistral 7B is")
+    # A prompt of more than one attention chunk (64 slots), at the model's head_dim of 64.
+    ids = llm.tokenizer.encode("The sliding window attention of Mistral 7B attends to the last "
+                               "4096 positions of each layer, and a rolling buffer cache keeps "
+                               "them. " * 3 + "So the window")
+    assert len(ids) > 64
     slow, fast = decode_both(llm.model, [ids], rows=[0], n_rows=1, steps=32)
     # Logits are ~20 in size; the two paths differ in summation order only (relative 2e-4).
     assert (slow - fast).abs().max().item() < 0.02

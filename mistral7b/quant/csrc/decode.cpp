@@ -126,52 +126,129 @@ void rotate(float* v, int64_t heads, int64_t hd, const float* cs) {
   }
 }
 
-// Softmax attention of the G query heads of one group (q: G heads of hd values, contiguous)
-// against the n slots of their shared key/value head K, V (grouped-query attention): each key
-// and value row is read once for all G heads. Slots whose mask byte is 0 are skipped. Writes G
-// heads of hd values to out; `scores` holds G * n floats.
+// ---- attention ----
+//
+// A row's new query attends over its cached slots. The G query heads that share a kv head
+// (grouped-query attention) are done together, so each key and value row is read once for the
+// G heads. The slots are cut into chunks of kSlotChunk, and each (row, kv head, chunk) is one
+// task with its own softmax statistics: the chunk's highest score m, the sum l of e^(score - m)
+// and the unnormalised output o = sum e^(score - m) v. merge_chunks then combines a row's
+// chunks in order (flash-decoding):
+//   M = max_c m_c,   out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c
+// With one chunk this is softmax itself (e^0 = 1). Chunks are a fixed number of slots, so a
+// row's arithmetic depends neither on the batch nor on the thread count, and the slots of one
+// long row spread over every thread.
+constexpr int64_t kSlotChunk = 64;
+
+// The sums of the 8 floats of each of p[0..7], as one vector in that order.
+inline __m256 sum8(const __m256 p[8]) {
+  // hadd pairs neighbours within each 128-bit half: a holds p[0..3]'s low-half sums, then
+  // their high-half sums; b likewise for p[4..7].
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(p[0], p[1]), _mm256_hadd_ps(p[2], p[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(p[4], p[5]), _mm256_hadd_ps(p[6], p[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// q . k[j] for the 8 consecutive key rows k[0..7] (hd values each, hd % 8 == 0): eight
+// accumulators reduced together, instead of one horizontal sum per score.
 template <class C>
-void attend_group(const float* q, int64_t G, const C* K, const C* V, const uint8_t* mask,
-                  int64_t n, int64_t hd, float* scores, float* out) {
+inline __m256 scores8(const float* q, const C* k, int64_t hd) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < hd; i += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + i);
+    for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, load8(k + j * hd + i), acc[j]);
+  }
+  return sum8(acc);
+}
+
+// o (hd values) += sum of p[s] * V[s] over n value rows, 64 outputs at a time held in registers
+// while the rows stream past; the last hd % 64 outputs with axpy.
+template <class C>
+void weighted_sum(const float* p, const C* V, int64_t n, int64_t hd, float* o) {
+  int64_t i = 0;
+  for (; i + 64 <= hd; i += 64) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = _mm256_loadu_ps(o + i + 8 * j);
+    for (int64_t s = 0; s < n; s++) {
+      if (p[s] == 0.f) continue;
+      const __m256 w = _mm256_set1_ps(p[s]);
+      const C* v = V + s * hd + i;
+      for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(w, load8(v + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < 8; j++) _mm256_storeu_ps(o + i + 8 * j, acc[j]);
+  }
+  if (i == hd) return;
+  for (int64_t s = 0; s < n; s++) {
+    if (p[s] != 0.f) axpy(o + i, p[s], V + s * hd + i, hd - i);
+  }
+}
+
+// One task: the G query heads q (G x hd, contiguous) over the n slots of one chunk, keys K and
+// values V (n rows of hd) and mask (n bytes, 0 = hidden). Writes m[g], l[g] and o[g] (hd
+// values, not yet divided by l[g]); a chunk with nothing visible gives m = -inf, l = 0, o = 0.
+// p holds G * n floats.
+template <class C>
+void attend_chunk(const float* q, int64_t G, const C* K, const C* V, const uint8_t* mask,
+                  int64_t n, int64_t hd, float* p, float* m, float* l, float* o) {
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  std::vector<float> best(G, neg_inf);
-  for (int64_t s = 0; s < n; s++) {
-    for (int64_t g = 0; g < G; g++) {
-      const float v = mask[s] ? dot(q + g * hd, K + s * hd, hd) * scale : neg_inf;
-      scores[g * n + s] = v;
-      best[g] = std::max(best[g], v);
-    }
-  }
-  std::fill(out, out + G * hd, 0.f);
-  std::vector<float> inv(G, 0.f);
   for (int64_t g = 0; g < G; g++) {
-    if (best[g] == neg_inf) continue;  // nothing visible (RollingCache never plans this)
-    float* sc = scores + g * n;
-    const __m256 shift = _mm256_set1_ps(best[g]);
-    __m256 acc = _mm256_setzero_ps();
+    float* pg = p + g * n;
+    const float* qg = q + g * hd;
     int64_t s = 0;
-    for (; s + 8 <= n; s += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + s), shift));
-      _mm256_storeu_ps(sc + s, e);
+    if (hd % 8 == 0) {
+      for (; s + 8 <= n; s += 8) _mm256_storeu_ps(pg + s, scores8(qg, K + s * hd, hd));
+    }
+    for (; s < n; s++) pg[s] = dot(qg, K + s * hd, hd);
+    float best = neg_inf;
+    for (s = 0; s < n; s++) {
+      pg[s] = mask[s] ? pg[s] * scale : neg_inf;
+      best = std::max(best, pg[s]);
+    }
+    float* og = o + g * hd;
+    std::fill(og, og + hd, 0.f);
+    m[g] = best;
+    l[g] = 0.f;
+    if (best == neg_inf) continue;
+    const __m256 shift = _mm256_set1_ps(best);
+    __m256 acc = _mm256_setzero_ps();
+    for (s = 0; s + 8 <= n; s += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(pg + s), shift));  // -inf -> 0
+      _mm256_storeu_ps(pg + s, e);
       acc = _mm256_add_ps(acc, e);
     }
     float total = hsum(acc);
     for (; s < n; s++) {
-      sc[s] = sc[s] == neg_inf ? 0.f : std::exp(sc[s] - best[g]);
-      total += sc[s];
+      pg[s] = pg[s] == neg_inf ? 0.f : std::exp(pg[s] - best);
+      total += pg[s];
     }
-    inv[g] = 1.f / total;
+    l[g] = total;
+    weighted_sum(pg, V, n, hd, og);
   }
-  for (int64_t s = 0; s < n; s++) {
-    if (!mask[s]) continue;
-    for (int64_t g = 0; g < G; g++) {
-      const float p = scores[g * n + s];
-      if (p != 0.f) axpy(out + g * hd, p, V + s * hd, hd);
-    }
-  }
+}
+
+// out (G x hd) for one (row, kv head) from its chunks' m, l (n_chunks x G) and o
+// (n_chunks x G x hd), combined in chunk order.
+void merge_chunks(int64_t n_chunks, int64_t G, int64_t hd, const float* m, const float* l,
+                  const float* o, float* out) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t g = 0; g < G; g++) {
-    for (int64_t i = 0; i < hd; i++) out[g * hd + i] *= inv[g];
+    float* og = out + g * hd;
+    std::fill(og, og + hd, 0.f);
+    float top = neg_inf;
+    for (int64_t c = 0; c < n_chunks; c++) top = std::max(top, m[c * G + g]);
+    if (top == neg_inf) continue;  // nothing visible (RollingCache never plans this)
+    float total = 0.f;
+    for (int64_t c = 0; c < n_chunks; c++) {
+      const float mc = m[c * G + g];
+      if (mc == neg_inf) continue;
+      const float w = std::exp(mc - top);
+      total += w * l[c * G + g];
+      axpy(og, w, o + (c * G + g) * hd, hd);
+    }
+    const float inv = 1.f / total;
+    for (int64_t i = 0; i < hd; i++) og[i] *= inv;
   }
 }
 
@@ -301,6 +378,10 @@ void run_layers(float* xp, int64_t B, int64_t dim, const StepPlan& plan,
   const int64_t hidden = weights[2].size(0) / 2;
   std::vector<float> a(B * std::max(dim, hidden)), qkv(B * qkv_width), attn(B * q_width);
   std::vector<float> proj(B * dim), gate_up(B * 2 * hidden);
+  // Attention's per-chunk softmax statistics and outputs (see attend_chunk).
+  const int64_t G = H / Hkv, n_chunks = (n_slots + kSlotChunk - 1) / kSlotChunk;
+  std::vector<float> part_m(B * Hkv * n_chunks * G), part_l(part_m.size());
+  std::vector<float> part_o(part_m.size() * hd);
 
   auto residual_add = [&]() {
     for (int64_t i = 0; i < B * dim; i++) xp[i] += proj[i];
@@ -324,15 +405,24 @@ void run_layers(float* xp, int64_t B, int64_t dim, const StepPlan& plan,
         store(q + q_width + kv_width + h * hd, hd, vc + at);
       }
     }
-    const int64_t G = H / Hkv;                      // query heads per kv head
-    at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> scores(G * n_slots);
+    // Task t = ((b * Hkv) + h) * n_chunks + c: row b's query heads h*G .. h*G + G - 1 over
+    // chunk c of its slots; then each (b, h) merges its chunks.
+    at::parallel_for(0, B * Hkv * n_chunks, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> p(G * kSlotChunk);
       for (int64_t t = t0; t < t1; t++) {
-        const int64_t b = t / Hkv, h = t % Hkv;     // query heads h*G .. h*G + G - 1
-        const int64_t kv = (((l * R + row[b]) * Hkv + h) * S) * hd;
-        attend_group(qkv.data() + b * qkv_width + h * G * hd, G, kc + kv, vc + kv,
-                     mk + b * n_slots, n_slots, hd, scores.data(),
-                     attn.data() + b * q_width + h * G * hd);
+        const int64_t bh = t / n_chunks, b = bh / Hkv, h = bh % Hkv;
+        const int64_t s0 = (t % n_chunks) * kSlotChunk;
+        const int64_t kv = ((((l * R + row[b]) * Hkv + h) * S) + s0) * hd;
+        attend_chunk(qkv.data() + b * qkv_width + h * G * hd, G, kc + kv, vc + kv,
+                     mk + b * n_slots + s0, std::min(kSlotChunk, n_slots - s0), hd, p.data(),
+                     part_m.data() + t * G, part_l.data() + t * G, part_o.data() + t * G * hd);
+      }
+    });
+    at::parallel_for(0, B * Hkv, 4, [&](int64_t t0, int64_t t1) {
+      for (int64_t bh = t0; bh < t1; bh++) {
+        const int64_t b = bh / Hkv, h = bh % Hkv, at = bh * n_chunks * G;
+        merge_chunks(n_chunks, G, hd, part_m.data() + at, part_l.data() + at,
+                     part_o.data() + at * hd, attn.data() + b * q_width + h * G * hd);
       }
     });
     matmul(attn.data(), q_width, 4 * l + 1, proj.data());
