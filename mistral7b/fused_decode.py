@@ -12,7 +12,7 @@ slots and the mask from those lengths with RollingCache.begin's arithmetic.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,20 +31,14 @@ F32 = 0  # ggml's type id for float32: an embedding or head the loader left unpa
 
 @dataclass
 class DecodeWeights:
-    """What decode_step needs, gathered once per model: per layer its two norm weights and its
-    four packed projections (wqkv, wo, w13, w2) with their ggml type ids, then the embedding
-    table, the final norm and the output head (a tied model's head is its embedding table)."""
+    """A model's weights held by the C++ step (`ext.DecodeModel`, checked once when built), and
+    RoPE's table: (positions, head_dim / 2, 2) float32, the (cos, sin) of every angle of
+    positions 0, 1, ..., the very values rope_rotations gives each position; grown by
+    doubling."""
 
-    norms: list[torch.Tensor]
-    weights: list[torch.Tensor]
-    types: list[int]
-    embedding: tuple[torch.Tensor, int]
-    final_norm: torch.Tensor
-    head: tuple[torch.Tensor, int]
+    model: Any
     head_dim: int
     rope_theta: float
-    # (positions, head_dim / 2, 2) float32: (cos, sin) of every angle of positions 0, 1, ...,
-    # the very values rope_rotations gives each position; grown by doubling.
     rope: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0, 2))
 
     def rope_table(self, last_position: int) -> torch.Tensor:
@@ -75,10 +69,14 @@ def gather(model: Transformer) -> DecodeWeights | None:
     """The model's weights in decode_step's order; None when the fused step cannot run it."""
     from mistral7b.model import Block  # here, not at the top: model.py imports this module
 
-    if model.device.type != "cpu" or kernels.extension() is None:
+    ext = kernels.extension()
+    if model.device.type != "cpu" or ext is None:
         return None
+    # Per layer its two norm weights and its four packed projections (wqkv, wo, w13, w2), then
+    # the embedding table, the final norm and the output head (a tied model's head is its
+    # embedding table).
     norms: list[torch.Tensor] = []
-    weights: list[torch.Tensor] = []
+    matrices: list[torch.Tensor] = []
     types: list[int] = []
     for layer in model.layers:
         assert isinstance(layer, Block)
@@ -93,15 +91,17 @@ def gather(model: Transformer) -> DecodeWeights | None:
             norms.append(norm.weight.detach().contiguous())
         for p in projections:
             assert isinstance(p, QuantLinear)
-            weights.append(p.weight.contiguous())
+            matrices.append(p.weight.contiguous())
             types.append(FORMATS[p.fmt].ggml_type)
     embedding = _matrix(model.tok_embeddings)
     head = _matrix(model.output if model.output is not None else model.tok_embeddings)
     if embedding is None or head is None or model.norm.weight.dtype != torch.float32:
         return None
     cfg = model.config
-    return DecodeWeights(norms, weights, types, embedding, model.norm.weight.detach().contiguous(),
-                         head, cfg.head_dim, cfg.rope_theta)
+    step = ext.DecodeModel(norms, matrices, types, *embedding,
+                           model.norm.weight.detach().contiguous(), *head, cfg.n_heads,
+                           cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps)
+    return DecodeWeights(step, cfg.head_dim, cfg.rope_theta)
 
 
 def can_run(cache: RollingCache, n_new: list[int]) -> bool:
@@ -114,12 +114,8 @@ def decode_step(model: Transformer, plan: DecodeWeights, tokens: torch.Tensor,
                 cache: RollingCache, rows: list[int], n_new: list[int]) -> torch.Tensor:
     """Append tokens (B, 1) to cache rows `rows` (n_new[b] = 1, or 0 for a row that only pads
     the batch); (B, vocab) float32 logits."""
-    ext = kernels.extension()
-    assert ext is not None
     starts = cache.begin_decode(rows, n_new)
-    logits = ext.decode_step(
-        tokens, rows, starts, n_new, cache.window or 0, plan.rope_table(max(starts)),
-        *plan.embedding, plan.norms, plan.weights, plan.types, plan.final_norm, *plan.head,
-        cache.k, cache.v, model.config.n_heads, model.config.norm_eps)
+    logits = plan.model.step(tokens, rows, starts, n_new, cache.window or 0,
+                             plan.rope_table(max(starts)), cache.k, cache.v)
     cache.advance(rows, n_new)
     return logits

@@ -441,58 +441,71 @@ void run_layers(float* xp, int64_t B, int64_t dim, const StepPlan& plan,
   }
 }
 
+// The layers' weights against the model's shape: dim, H query and Hkv kv heads of hd values.
 void check_layers(const std::vector<torch::Tensor>& norms,
                   const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& types,
-                  const torch::Tensor& k_cache, int64_t dim, int64_t H) {
-  const int64_t L = k_cache.size(0), Hkv = k_cache.size(2), hd = k_cache.size(4);
-  TORCH_CHECK(H % Hkv == 0, "decode_step: ", H, " heads do not group over ", Hkv, " kv heads");
-  TORCH_CHECK(static_cast<int64_t>(norms.size()) == 2 * L &&
+                  int64_t dim, int64_t H, int64_t Hkv, int64_t hd) {
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "DecodeModel: ", H, " heads do not group over ", Hkv,
+              " kv heads");
+  const int64_t L = static_cast<int64_t>(norms.size()) / 2;
+  TORCH_CHECK(L > 0 && static_cast<int64_t>(norms.size()) == 2 * L &&
               static_cast<int64_t>(weights.size()) == 4 * L &&
               static_cast<int64_t>(types.size()) == 4 * L,
-              "decode_step: need 2 norms and 4 weights per layer");
+              "DecodeModel: need 2 norms and 4 weights per layer");
   const int64_t q_width = H * hd, qkv_width = q_width + 2 * Hkv * hd;
   for (int64_t l = 0; l < L; l++) {
     TORCH_CHECK(norms[2 * l].numel() == dim && norms[2 * l + 1].numel() == dim &&
                 norms[2 * l].scalar_type() == torch::kFloat32 &&
                 norms[2 * l + 1].scalar_type() == torch::kFloat32 &&
                 norms[2 * l].is_contiguous() && norms[2 * l + 1].is_contiguous(),
-                "decode_step: norm weights must be contiguous float32 of size dim");
-    check_matrix(weights[4 * l], dim, types[4 * l], "decode_step (wqkv)");
-    check_matrix(weights[4 * l + 1], q_width, types[4 * l + 1], "decode_step (wo)");
-    check_matrix(weights[4 * l + 2], dim, types[4 * l + 2], "decode_step (w13)");
+                "DecodeModel: norm weights must be contiguous float32 of size dim");
+    check_matrix(weights[4 * l], dim, types[4 * l], "DecodeModel (wqkv)");
+    check_matrix(weights[4 * l + 1], q_width, types[4 * l + 1], "DecodeModel (wo)");
+    check_matrix(weights[4 * l + 2], dim, types[4 * l + 2], "DecodeModel (w13)");
     TORCH_CHECK(weights[4 * l].size(0) == qkv_width && weights[4 * l + 1].size(0) == dim &&
                 weights[4 * l + 2].size(0) == weights[2].size(0) && weights[2].size(0) % 2 == 0,
-                "decode_step: projection shapes do not match the cache's heads");
+                "DecodeModel: projection shapes do not match the model's heads");
     check_matrix(weights[4 * l + 3], weights[4 * l + 2].size(0) / 2, types[4 * l + 3],
-                 "decode_step (w2)");
-    TORCH_CHECK(weights[4 * l + 3].size(0) == dim, "decode_step: w2 must have dim rows");
+                 "DecodeModel (w2)");
+    TORCH_CHECK(weights[4 * l + 3].size(0) == dim, "DecodeModel: w2 must have dim rows");
   }
 }
 
 }  // namespace
 
-torch::Tensor decode_step(torch::Tensor tokens, const std::vector<int64_t>& rows,
-                          const std::vector<int64_t>& starts, const std::vector<int64_t>& n_new,
-                          int64_t window, torch::Tensor rope_table, torch::Tensor embedding,
-                          int64_t embedding_type, const std::vector<torch::Tensor>& norms,
-                          const std::vector<torch::Tensor>& weights,
-                          const std::vector<int64_t>& types, torch::Tensor final_norm,
-                          torch::Tensor head, int64_t head_type, torch::Tensor k_cache,
-                          torch::Tensor v_cache, int64_t n_heads, double eps) {
+DecodeModel::DecodeModel(std::vector<torch::Tensor> norms, std::vector<torch::Tensor> weights,
+                         std::vector<int64_t> types, torch::Tensor embedding,
+                         int64_t embedding_type, torch::Tensor final_norm, torch::Tensor head,
+                         int64_t head_type, int64_t n_heads, int64_t n_kv_heads,
+                         int64_t head_dim, double eps)
+    : norms_(std::move(norms)), weights_(std::move(weights)), types_(std::move(types)),
+      embedding_(std::move(embedding)), embedding_type_(embedding_type),
+      final_norm_(std::move(final_norm)), head_(std::move(head)), head_type_(head_type),
+      n_heads_(n_heads), n_kv_heads_(n_kv_heads), head_dim_(head_dim), eps_(eps) {
+  TORCH_CHECK(final_norm_.dim() == 1 && final_norm_.scalar_type() == torch::kFloat32 &&
+              final_norm_.is_contiguous(),
+              "DecodeModel: the final norm weight must be contiguous float32");
+  const int64_t dim = final_norm_.numel();
+  check_matrix(embedding_, dim, embedding_type_, "DecodeModel (embedding)");
+  check_matrix(head_, dim, head_type_, "DecodeModel (output head)");
+  check_layers(norms_, weights_, types_, dim, n_heads_, n_kv_heads_, head_dim_);
+}
+
+torch::Tensor DecodeModel::step(torch::Tensor tokens, const std::vector<int64_t>& rows,
+                                const std::vector<int64_t>& starts,
+                                const std::vector<int64_t>& n_new, int64_t window,
+                                torch::Tensor rope_table, torch::Tensor k_cache,
+                                torch::Tensor v_cache) const {
   const auto kind = k_cache.scalar_type();
+  const int64_t L = static_cast<int64_t>(norms_.size()) / 2;
   TORCH_CHECK(k_cache.dim() == 5 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
               v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == kind &&
-              (kind == torch::kFloat32 || kind == torch::kFloat16),
+              (kind == torch::kFloat32 || kind == torch::kFloat16) && k_cache.size(0) == L &&
+              k_cache.size(2) == n_kv_heads_ && k_cache.size(4) == head_dim_,
               "decode_step: caches must be contiguous float32 or float16 tensors of shape "
-              "(layers, rows, kv heads, slots, head_dim)");
+              "(layers, rows, kv heads, slots, head_dim) matching the model");
   tokens = tokens.to(torch::kInt64).contiguous().view(-1);
-  const int64_t B = tokens.size(0), vocab = embedding.size(0);
-  const int64_t dim = final_norm.numel(), hd = k_cache.size(4);
-  TORCH_CHECK(final_norm.scalar_type() == torch::kFloat32 && final_norm.is_contiguous(),
-              "decode_step: the final norm weight must be contiguous float32");
-  check_matrix(embedding, dim, embedding_type, "decode_step (embedding)");
-  check_matrix(head, dim, head_type, "decode_step (output head)");
-  check_layers(norms, weights, types, k_cache, dim, n_heads);
+  const int64_t B = tokens.size(0), vocab = embedding_.size(0), dim = final_norm_.numel();
   TORCH_CHECK(static_cast<int64_t>(rows.size()) == B, "decode_step: one cache row per token");
   const int64_t* ids = tokens.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; b++) {
@@ -500,20 +513,22 @@ torch::Tensor decode_step(torch::Tensor tokens, const std::vector<int64_t>& rows
                 " outside the vocabulary of ", vocab);
   }
   const StepPlan plan = plan_step(rows, starts, n_new, k_cache.size(1), k_cache.size(3), window,
-                                  rope_table, hd);
+                                  rope_table, head_dim_);
 
   std::vector<float> x(B * dim), normed(B * dim);
-  for (int64_t b = 0; b < B; b++) embed_row(embedding, embedding_type, ids[b], dim, &x[b * dim]);
-  if (kind == torch::kFloat16) {
-    run_layers<at::Half>(x.data(), B, dim, plan, norms, weights, types, k_cache, v_cache,
-                         n_heads, eps);
-  } else {
-    run_layers<float>(x.data(), B, dim, plan, norms, weights, types, k_cache, v_cache, n_heads,
-                      eps);
+  for (int64_t b = 0; b < B; b++) {
+    embed_row(embedding_, embedding_type_, ids[b], dim, &x[b * dim]);
   }
-  const float* w_norm = final_norm.data_ptr<float>();
-  for (int64_t b = 0; b < B; b++) rms_norm(&x[b * dim], w_norm, dim, eps, &normed[b * dim]);
-  auto logits = torch::empty({B, head.size(0)}, torch::kFloat32);
-  project(normed.data(), B, dim, head, head_type, logits.data_ptr<float>());
+  if (kind == torch::kFloat16) {
+    run_layers<at::Half>(x.data(), B, dim, plan, norms_, weights_, types_, k_cache, v_cache,
+                         n_heads_, eps_);
+  } else {
+    run_layers<float>(x.data(), B, dim, plan, norms_, weights_, types_, k_cache, v_cache,
+                      n_heads_, eps_);
+  }
+  const float* w_norm = final_norm_.data_ptr<float>();
+  for (int64_t b = 0; b < B; b++) rms_norm(&x[b * dim], w_norm, dim, eps_, &normed[b * dim]);
+  auto logits = torch::empty({B, head_.size(0)}, torch::kFloat32);
+  project(normed.data(), B, dim, head_, head_type_, logits.data_ptr<float>());
   return logits;
 }

@@ -54,12 +54,25 @@ void prefill_matmul_into(const float* x, int64_t M, int64_t K, const uint8_t* w,
 torch::Tensor prefill_matmul(torch::Tensor x, torch::Tensor w, int64_t type);
 torch::Tensor dequantize(torch::Tensor w, int64_t type);
 
-// decode.cpp: one whole decode step (embedding to logits) for one new token per sequence.
-torch::Tensor decode_step(torch::Tensor tokens, const std::vector<int64_t>& rows,
-                          const std::vector<int64_t>& starts, const std::vector<int64_t>& n_new,
-                          int64_t window, torch::Tensor rope_table, torch::Tensor embedding,
-                          int64_t embedding_type, const std::vector<torch::Tensor>& norms,
-                          const std::vector<torch::Tensor>& weights,
-                          const std::vector<int64_t>& types, torch::Tensor final_norm,
-                          torch::Tensor head, int64_t head_type, torch::Tensor k_cache,
-                          torch::Tensor v_cache, int64_t n_heads, double eps);
+// decode.cpp: one whole decode step (token ids to logits) for one new token per sequence. A
+// DecodeModel holds one model's weights, checked once; step runs them over a rolling cache.
+class DecodeModel {
+ public:
+  DecodeModel(std::vector<torch::Tensor> norms, std::vector<torch::Tensor> weights,
+              std::vector<int64_t> types, torch::Tensor embedding, int64_t embedding_type,
+              torch::Tensor final_norm, torch::Tensor head, int64_t head_type, int64_t n_heads,
+              int64_t n_kv_heads, int64_t head_dim, double eps);
+  torch::Tensor step(torch::Tensor tokens, const std::vector<int64_t>& rows,
+                     const std::vector<int64_t>& starts, const std::vector<int64_t>& n_new,
+                     int64_t window, torch::Tensor rope_table, torch::Tensor k_cache,
+                     torch::Tensor v_cache) const;
+
+ private:
+  std::vector<torch::Tensor> norms_, weights_;   // per layer: 2 norms; wqkv, wo, w13, w2
+  std::vector<int64_t> types_;                   // the weights' ggml types
+  torch::Tensor embedding_;
+  int64_t embedding_type_;
+  torch::Tensor final_norm_, head_;
+  int64_t head_type_, n_heads_, n_kv_heads_, head_dim_;
+  double eps_;
+};
