@@ -94,39 +94,44 @@ def test_sampling_a_row_that_was_never_started_is_an_error() -> None:
         BatchSampler(2, V).sample([1], step_logits(0, 1))
 
 
-def test_stable_top_is_the_head_of_a_stable_descending_sort() -> None:
-    """Ties (bfloat16-rounded logits have many), negatives, -0.0 against 0.0, and -inf."""
-    from mistral7b.batch_sampling import _stable_top
-
-    logits = step_logits(1, 4).bfloat16().float()
-    logits[0, 50:80] = 0.0
-    logits[0, 60:70] = -0.0
-    logits[1, ::3] = float("-inf")
-    logits[2] = -logits[2].abs()
-    logits[3, :] = 1.5                                   # one tie across the whole row
-    want = torch.sort(logits, dim=-1, descending=True, stable=True).indices
-    for k in (1, 7, 100, V - 1):
-        assert torch.equal(_stable_top(logits, k), want[:, :k]), k
-
-
-def test_top_k_candidates_and_the_full_sort_keep_the_same_ids(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rows with k <= CANDIDATES take the topk path, the others (k = 0, k > CANDIDATES) the
-    sort; alone, together, and with the topk path off, each row keeps the same ids."""
+def test_candidates_and_the_full_sort_keep_the_same_ids(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """On the CPU each row sorts only its candidates; alone, together, and with the whole
+    vocabulary sorted instead, each row keeps the same ids as the reference. Ties (bfloat16
+    logits have many), a row where every logit ties, rows whose nucleus needs more than the first
+    candidates, and -inf logits (a grammar's forbidden tokens)."""
     import mistral7b.batch_sampling as batch_sampling
 
-    monkeypatch.setattr(batch_sampling, "CANDIDATES", 64)
-    logits = step_logits(2, 5).bfloat16().float()
-    ks, ps = [5, 40, 1, 0, 100], [0.9, 0.5, 1.0, 0.7, 0.95]
+    logits = step_logits(2, 8).bfloat16().float()
+    logits[5] = 1.5
+    logits[6] = torch.linspace(0.0, 10.0, V)        # 64 candidates are not enough
+    logits[7, ::2] = float("-inf")
+    ks, ps = [5, 40, 1, 0, 100, 0, 0, 3], [0.9, 0.5, 1.0, 0.7, 0.95, 0.6, 0.99, 0.8]
     mixed = _top_k_top_p(logits, ks, ps)
-    for row in range(5):
+    for row in range(len(ks)):
         alone = _top_k_top_p(logits[row:row + 1], ks[row:row + 1], ps[row:row + 1])
         assert torch.equal(mixed[row:row + 1], alone), row
         want = apply_top_p(apply_top_k(logits[row], ks[row]), ps[row]) > float("-inf")
         assert torch.equal(mixed[row], want), row
-    assert torch.equal(_top_k_top_p(logits[:3], ks[:3], ps[:3]), mixed[:3])   # all topk
     monkeypatch.setattr(batch_sampling, "TOPK_CANDIDATES", False)
     assert torch.equal(_top_k_top_p(logits, ks, ps), mixed)
+
+
+def test_candidates_grow_until_they_hold_the_nucleus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows whose nucleus needs 64, 512 and 4096 candidates and more, over 6000 ids."""
+    import mistral7b.batch_sampling as batch_sampling
+
+    wide = 6000
+    logits = torch.stack([torch.linspace(0.0, slope * wide, wide)
+                          for slope in (0.2, 0.01, 0.002, 0.0002)])
+    ks, ps = [0, 0, 0, 0], [0.9, 0.9, 0.95, 0.5]
+    keep = _top_k_top_p(logits, ks, ps)
+    for row in range(4):
+        want = apply_top_p(logits[row], ps[row]) > float("-inf")
+        assert torch.equal(keep[row], want), row
+    assert keep.sum(dim=1).tolist()[0] < 64 < keep.sum(dim=1).tolist()[2]
+    monkeypatch.setattr(batch_sampling, "TOPK_CANDIDATES", False)
+    assert torch.equal(_top_k_top_p(logits, ks, ps), keep)
 
 
 def test_parameter_columns_are_uploaded_once_per_batch() -> None:
