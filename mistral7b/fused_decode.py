@@ -29,24 +29,36 @@ if TYPE_CHECKING:
 F32 = 0  # ggml's type id for float32: an embedding or head the loader left unpacked
 
 
+# Positions RoPE's table holds at most (16 MiB at head_dim 64): a longer sequence (a windowed
+# model may decode without end) gets its step's rows computed instead.
+ROPE_TABLE_POSITIONS = 1 << 16
+
+
 @dataclass
 class DecodeWeights:
     """A model's weights held by the C++ step (`ext.DecodeModel`, checked once when built), and
     RoPE's table: (positions, head_dim / 2, 2) float32, the (cos, sin) of every angle of
     positions 0, 1, ..., the very values rope_rotations gives each position; grown by
-    doubling."""
+    doubling up to ROPE_TABLE_POSITIONS."""
 
     model: Any
     head_dim: int
     rope_theta: float
     rope: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0, 2))
 
-    def rope_table(self, last_position: int) -> torch.Tensor:
-        if last_position >= self.rope.shape[0]:
-            n = max(1024, 2 * self.rope.shape[0], last_position + 1)
-            angles = rope_rotations(torch.arange(n)[None], self.head_dim, self.rope_theta)
-            self.rope = torch.view_as_real(angles[0, :, 0]).contiguous()
-        return self.rope
+    def rope_rows(self, positions: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """A table holding RoPE's (cos, sin) of `positions`, and the row of each in it."""
+        last = max(positions)
+        if last >= ROPE_TABLE_POSITIONS:
+            return self._rotations(torch.tensor(positions)), list(range(len(positions)))
+        if last >= self.rope.shape[0]:
+            n = min(ROPE_TABLE_POSITIONS, max(1024, 2 * self.rope.shape[0], last + 1))
+            self.rope = self._rotations(torch.arange(n))
+        return self.rope, positions
+
+    def _rotations(self, positions: torch.Tensor) -> torch.Tensor:
+        angles = rope_rotations(positions[:, None], self.head_dim, self.rope_theta)
+        return torch.view_as_real(angles[:, 0, 0]).contiguous()
 
 
 def _matrix(module: nn.Module | None) -> tuple[torch.Tensor, int] | None:
@@ -116,6 +128,6 @@ def decode_step(model: Transformer, plan: DecodeWeights, tokens: torch.Tensor,
     the batch); (B, vocab) float32 logits."""
     starts = cache.begin_decode(rows, n_new)
     logits = plan.model.step(tokens, rows, starts, n_new, cache.window or 0,
-                             plan.rope_table(max(starts)), cache.k, cache.v)
+                             *plan.rope_rows(starts), cache.k, cache.v)
     cache.advance(rows, n_new)
     return logits

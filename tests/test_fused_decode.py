@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import mistral7b
+from mistral7b import fused_decode
 from mistral7b.cache import RollingCache
 from mistral7b.generate import decode_step, prefill
 from mistral7b.model import Transformer
@@ -84,6 +85,18 @@ def test_fused_step_over_several_attention_chunks(tmp_path: Path) -> None:
     slow, fast = decode_both(model, prompts, rows=[0, 1, 2], n_rows=3, steps=12)
     assert (slow - fast).abs().max().item() < 2e-4
     assert torch.equal(slow.argmax(-1), fast.argmax(-1))
+
+
+def test_positions_past_the_rope_table_are_computed_alike(tiny_q8: Transformer,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # A sequence longer than the table (a windowed model decodes without end) gets its step's
+    # rows from rope_rotations directly: the same bits as the table's.
+    prompts = [[5, 9, 2], [(7 * i) % 120 for i in range(35)]]
+    _, table = decode_both(tiny_q8, prompts, rows=[0, 1], n_rows=2, steps=10)
+    monkeypatch.setattr(fused_decode, "ROPE_TABLE_POSITIONS", 8)
+    tiny_q8._decode_weights_known = False
+    _, computed = decode_both(tiny_q8, prompts, rows=[0, 1], n_rows=2, steps=10)
+    assert torch.equal(table, computed)
 
 
 def test_fused_step_is_not_used_for_float_weights(mistral_dir: Path) -> None:

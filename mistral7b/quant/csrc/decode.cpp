@@ -15,7 +15,7 @@
 //   a     = rms_norm(x) * norms[2l]
 //   qkv   = a @ Wqkv^T              H query heads, then Hkv key heads, then Hkv value heads
 //   rotate the pairs (2i, 2i+1) of every query and key head by (cos, sin) of the position's
-//   angle i, read from rope_table (rope.py's rope_rotations for positions 0, 1, 2, ...)
+//   angle i, read from row rope_rows[b] of the table rope (rope.py's rope_rotations' values)
 //   store the key and value heads at the row's slot
 //   o[h]  = softmax(q[h] . k[s] / sqrt(hd) over the slots s the mask allows)
 //           weighted sum of v[s], reading kv head h / (H / Hkv) (grouped-query attention; the
@@ -324,18 +324,19 @@ struct StepPlan {
 
 StepPlan plan_step(const std::vector<int64_t>& rows, const std::vector<int64_t>& starts,
                    const std::vector<int64_t>& n_new, int64_t R, int64_t S, int64_t window,
-                   const torch::Tensor& rope_table, int64_t hd) {
+                   const torch::Tensor& rope, const std::vector<int64_t>& rope_rows, int64_t hd) {
   const int64_t B = static_cast<int64_t>(rows.size());
-  TORCH_CHECK(static_cast<int64_t>(starts.size()) == B && static_cast<int64_t>(n_new.size()) == B,
-              "decode_step: rows, starts and n_new need one entry per sequence");
-  TORCH_CHECK(rope_table.dim() == 3 && rope_table.scalar_type() == torch::kFloat32 &&
-              rope_table.is_contiguous() && rope_table.size(1) * 2 == hd && rope_table.size(2) == 2,
-              "decode_step: rope_table must be contiguous float32 (positions, hd / 2, 2)");
+  TORCH_CHECK(static_cast<int64_t>(starts.size()) == B && static_cast<int64_t>(n_new.size()) == B &&
+              static_cast<int64_t>(rope_rows.size()) == B,
+              "decode_step: rows, starts, n_new and rope_rows need one entry per sequence");
+  TORCH_CHECK(rope.dim() == 3 && rope.scalar_type() == torch::kFloat32 && rope.is_contiguous() &&
+              rope.size(1) * 2 == hd && rope.size(2) == 2,
+              "decode_step: the rope table must be contiguous float32 (positions, hd / 2, 2)");
   StepPlan plan;
   for (int64_t b = 0; b < B; b++) {
     TORCH_CHECK(0 <= rows[b] && rows[b] < R, "decode_step: cache row ", rows[b], " out of range");
-    TORCH_CHECK(starts[b] >= 0 && starts[b] < rope_table.size(0),
-                "decode_step: position ", starts[b], " outside the rope table");
+    TORCH_CHECK(starts[b] >= 0 && 0 <= rope_rows[b] && rope_rows[b] < rope.size(0),
+                "decode_step: position ", starts[b], " has no row in the rope table");
     TORCH_CHECK(n_new[b] == 0 || n_new[b] == 1, "decode_step: one new token per row, or none");
     plan.n_slots = std::max(plan.n_slots, starts[b] + n_new[b]);
   }
@@ -345,10 +346,10 @@ StepPlan plan_step(const std::vector<int64_t>& rows, const std::vector<int64_t>&
   plan.slot.assign(B, -1);
   plan.mask.assign(B * n, 1);
   plan.rope.resize(B * hd);
-  const float* table = rope_table.data_ptr<float>();
+  const float* table = rope.data_ptr<float>();
   for (int64_t b = 0; b < B; b++) {
-    const int64_t pos = starts[b];
-    std::copy(table + pos * hd, table + (pos + 1) * hd, plan.rope.data() + b * hd);
+    const int64_t pos = starts[b], r = rope_rows[b];
+    std::copy(table + r * hd, table + (r + 1) * hd, plan.rope.data() + b * hd);
     if (n_new[b] == 0) continue;
     plan.slot[b] = pos % S;
     for (int64_t s = 0; s < n; s++) {
@@ -494,7 +495,8 @@ DecodeModel::DecodeModel(std::vector<torch::Tensor> norms, std::vector<torch::Te
 torch::Tensor DecodeModel::step(torch::Tensor tokens, const std::vector<int64_t>& rows,
                                 const std::vector<int64_t>& starts,
                                 const std::vector<int64_t>& n_new, int64_t window,
-                                torch::Tensor rope_table, torch::Tensor k_cache,
+                                torch::Tensor rope, const std::vector<int64_t>& rope_rows,
+                                torch::Tensor k_cache,
                                 torch::Tensor v_cache) const {
   const auto kind = k_cache.scalar_type();
   const int64_t L = static_cast<int64_t>(norms_.size()) / 2;
@@ -513,7 +515,7 @@ torch::Tensor DecodeModel::step(torch::Tensor tokens, const std::vector<int64_t>
                 " outside the vocabulary of ", vocab);
   }
   const StepPlan plan = plan_step(rows, starts, n_new, k_cache.size(1), k_cache.size(3), window,
-                                  rope_table, head_dim_);
+                                  rope, rope_rows, head_dim_);
 
   std::vector<float> x(B * dim), normed(B * dim);
   for (int64_t b = 0; b < B; b++) {

@@ -64,8 +64,8 @@ class DecodeModel {
               int64_t n_kv_heads, int64_t head_dim, double eps);
   torch::Tensor step(torch::Tensor tokens, const std::vector<int64_t>& rows,
                      const std::vector<int64_t>& starts, const std::vector<int64_t>& n_new,
-                     int64_t window, torch::Tensor rope_table, torch::Tensor k_cache,
-                     torch::Tensor v_cache) const;
+                     int64_t window, torch::Tensor rope, const std::vector<int64_t>& rope_rows,
+                     torch::Tensor k_cache, torch::Tensor v_cache) const;
 
  private:
   std::vector<torch::Tensor> norms_, weights_;   // per layer: 2 norms; wqkv, wo, w13, w2
