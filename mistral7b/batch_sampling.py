@@ -12,10 +12,9 @@ These are the rules of sampling.py, whose per-sequence `Sampler` is the plain re
 hold this module to. Top-k and top-p run on each row's logits in descending order, ties in id
 order (only when a row of the batch asks for one of them): on the CPU each such row sorts only
 its candidates, the ids near its best logit (`_row_keep`); on a GPU every row sorts the whole
-vocabulary. Min-p compares
-logits, log p - log p_max >= log(min_p), so it needs no normalising sum. The draw itself runs in
-token-id order. So a row's token depends on its own logits, parameters and random number only,
-never on which other rows share the batch.
+vocabulary. Min-p compares logits, log p - log p_max >= log(min_p), so it needs no normalising
+sum. The draw itself runs in token-id order. So a row's token depends on its own logits,
+parameters and random number only, never on which other rows share the batch.
 
 The random numbers come from one CPU `torch.Generator` per row, seeded from its `seed`, one
 uniform number per step: a seeded request draws the same numbers on every device and in any
@@ -343,8 +342,10 @@ def _row_keep(x: torch.Tensor, k: int, p: float) -> torch.Tensor:
     while True:
         # The m best logits and any tied with the m-th, ascending (ties in id order), then
         # ranked by a stable sort; 8x more while they hold too little of the mass.
-        floor = np.partition(logits, V - m)[V - m] if m < finite else -np.inf
-        ids = np.flatnonzero(logits >= floor if m < finite else logits > -np.inf)
+        if m < finite:
+            ids = np.flatnonzero(logits >= np.partition(logits, V - m)[V - m])
+        else:
+            ids = np.flatnonzero(logits > -np.inf)
         ids = ids[np.argsort(-logits[ids], kind="stable")]
         ranked = probs[torch.from_numpy(ids)]
         total = ranked.cumsum(dim=0)

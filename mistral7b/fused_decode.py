@@ -93,18 +93,17 @@ def gather(model: Transformer) -> DecodeWeights | None:
     for layer in model.layers:
         assert isinstance(layer, Block)
         attn, ffn = layer.attention, layer.feed_forward
-        projections = [attn.wqkv, attn.wo, ffn.w13, ffn.w2]
-        if not all(isinstance(p, QuantLinear) and p.fmt in kernels.FAST_FORMATS
-                   for p in projections):
+        # Packed projections only: float models keep the Python layers.
+        projections = [_matrix(p) for p in (attn.wqkv, attn.wo, ffn.w13, ffn.w2)]
+        if any(p is None or p[1] == F32 for p in projections):
             return None
         for norm in (layer.attention_norm, layer.ffn_norm):
             if norm.weight.dtype != torch.float32:
                 return None
             norms.append(norm.weight.detach().contiguous())
-        for p in projections:
-            assert isinstance(p, QuantLinear)
-            matrices.append(p.weight.contiguous())
-            types.append(FORMATS[p.fmt].ggml_type)
+        for weight, ggml_type in filter(None, projections):
+            matrices.append(weight)
+            types.append(ggml_type)
     embedding = _matrix(model.tok_embeddings)
     head = _matrix(model.output if model.output is not None else model.tok_embeddings)
     if embedding is None or head is None or model.norm.weight.dtype != torch.float32:
