@@ -111,12 +111,12 @@ def test_the_first_generation_in_a_process_equals_the_later_ones() -> None:
         assert first == later, first[0]
 
 
-# ---- the 32-value formats repacked eight rows at a time --------------------------------------
+# ---- formats repacked eight rows at a time ---------------------------------------------------
 
-X8 = ["Q4_0x8", "Q4_1x8", "Q8_0x8"]
+X8 = ["Q4_0x8", "Q4_1x8", "Q8_0x8", "Q4_Kx8"]
 
 
-@pytest.mark.parametrize("fmt", X8)
+@pytest.mark.parametrize("fmt", ["Q4_0x8", "Q4_1x8", "Q8_0x8"])
 def test_repacking_is_a_permutation_of_the_bytes(fmt: str) -> None:
     base = repack.BASE[fmt]
     raw, reference = packed_weight(base, 24, 512, seed=1)
@@ -125,6 +125,29 @@ def test_repacking_is_a_permutation_of_the_bytes(fmt: str) -> None:
     assert torch.equal(torch.sort(packed.flatten()).values, torch.sort(raw.flatten()).values)
     assert torch.equal(repack.unrepack(packed, fmt), raw)
     assert torch.equal(dequantize(packed, fmt), reference)        # the portable path
+
+
+def test_q4_k_repacking_puts_each_weight_where_the_kernel_reads_it() -> None:
+    raw, reference = packed_weight("Q4_K", 16, 768, seed=3)
+    packed = repack.repack(raw, "Q4_K")
+    assert packed.shape == raw.shape and torch.equal(repack.unrepack(packed, "Q4_Kx8"), raw)
+    assert torch.equal(dequantize(packed, "Q4_Kx8"), reference)   # the portable path
+    groups = packed.reshape(2, 3, 1152)                  # (group, block, bytes of the 8 rows)
+    for row, block, value in [(0, 0, 0), (3, 1, 21), (7, 2, 255), (10, 2, 130), (15, 0, 47)]:
+        g, r, j, t = row // 8, row % 8, value // 32, value % 32
+        gguf = raw[row, 144 * block + 16 + 32 * (j // 2) + t] >> 4 * (j % 2) & 0x0F
+        i, e, half = t % 16 // 2, t % 2, t // 16
+        x8 = groups[g, block, 128 + 128 * j + 16 * i + 2 * r + e] >> 4 * half & 0x0F
+        assert x8 == gguf, (row, block, value)
+        for k in (0, 5, 11):                            # the packed scale bytes, transposed
+            assert groups[g, block, 32 + 8 * k + r] == raw[row, 144 * block + 4 + k]
+
+
+def test_q4_k_repacking_in_cpp_gives_the_same_bytes(ext: object) -> None:
+    raw, _ = packed_weight("Q4_K", 40, 1024, seed=5)
+    assert torch.equal(ext.repack_q4_k(raw), repack.repack(raw, "Q4_K"))  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="rows in eights"):
+        ext.repack_q4_k(raw[:12].contiguous())  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("fmt", X8)

@@ -1,4 +1,4 @@
-"""The 32-value formats repacked eight rows at a time, for the decode kernels.
+"""Matrices repacked eight rows at a time, for the decode kernels.
 
 A GGUF matrix stores each row's blocks one after the other: [d, (m,) qs] [d, (m,) qs] ...
 Repacked ("x8"), rows 8g..8g+7 form group g, and block b of the group holds the eight rows'
@@ -6,10 +6,13 @@ block b field by field: the eight scales, the eight mins (Q4_1), then the eight 
 
     Q4_1 rows r0..r7, block b:  d[r0..r7] (8 f16) | m[r0..r7] (8 f16) | qs[r0] .. qs[r7] (8 x 16 B)
 
-the same bytes in another order (the byte permutation is formats.repack, beside the formats;
-why this layout is faster is in quant/csrc/qmatmul.cpp). Matrices
-are repacked once at load, when the C++ kernels are there and the rows come in eights. The C++
-kernels read both layouts (matmul and dequantize); the portable path un-repacks a copy.
+For the 32-value formats these are the same bytes in another order (the byte permutation is
+formats.repack, beside the formats). Q4_K also interleaves the eight rows' weights, two bytes
+of each row per 16-byte chunk, so that the kernel finds row r's weights in vector lane r (its
+layout is beside _repack_q4_k in formats.py; why these layouts are faster is in
+quant/csrc/qmatmul.cpp). Matrices are repacked once at load, when the C++ kernels are there
+and the rows come in eights. The C++ kernels read both layouts (matmul and dequantize); the
+portable path un-repacks a copy.
 """
 
 from __future__ import annotations
@@ -25,17 +28,21 @@ from mistral7b.quant.modules import QuantLinear
 __all__ = ["BASE", "REPACKED", "repack", "repack_linears", "unrepack"]
 
 def repack_linears(model: nn.Module) -> int:
-    """Repack every packed linear layer that can be (a 32-value format, rows in eights) when the
-    C++ kernels are available; returns how many were. MISTRAL7B_REPACK=0 keeps the GGUF order
-    (to measure the difference)."""
+    """Repack every packed linear layer that can be (Q4_0, Q4_1, Q8_0 or Q4_K, rows in eights)
+    when the C++ kernels are available; returns how many were. MISTRAL7B_REPACK=0 keeps the GGUF
+    order (to measure the difference)."""
     candidates = [m for m in model.modules()
                   if isinstance(m, QuantLinear) and m.fmt in REPACKED
                   and m.out_features % 8 == 0 and m.weight.device.type == "cpu"]
     # Checked in this order so that a float model never builds the kernels.
+    ext = None
     if (not candidates or os.environ.get("MISTRAL7B_REPACK") == "0"
-            or kernels.extension() is None):
+            or (ext := kernels.extension()) is None):
         return 0
     for module in candidates:
-        module.weight = repack(module.weight, module.fmt)
+        if module.fmt == "Q4_K":   # the same bytes as formats.repack, in C++: a 7B model's
+            module.weight = ext.repack_q4_k(module.weight.contiguous())  # 3.8 GB in seconds
+        else:
+            module.weight = repack(module.weight, module.fmt)
         module.fmt = REPACKED[module.fmt]
     return len(candidates)

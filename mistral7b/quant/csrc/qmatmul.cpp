@@ -90,10 +90,12 @@ constexpr int64_t QK_K = 256;  // values per K-quant block
 enum QType : int64_t {
   F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30,
   // Ours, not ggml's: the same blocks repacked eight rows at a time (see "x8" below).
-  X8 = 1000, Q4_0_X8 = X8 + Q4_0, Q4_1_X8 = X8 + Q4_1, Q8_0_X8 = X8 + Q8_0
+  X8 = 1000, Q4_0_X8 = X8 + Q4_0, Q4_1_X8 = X8 + Q4_1, Q8_0_X8 = X8 + Q8_0, Q4_K_X8 = X8 + Q4_K
 };
 
-bool is_x8(int64_t type) { return type == Q4_0_X8 || type == Q4_1_X8 || type == Q8_0_X8; }
+bool is_x8(int64_t type) {
+  return type == Q4_0_X8 || type == Q4_1_X8 || type == Q8_0_X8 || type == Q4_K_X8;
+}
 
 template <int64_t T>
 constexpr int64_t kBlockBytes = T == Q8_0 ? 34 : T == Q4_0 ? 18 : T == Q4_1 ? 20
@@ -117,7 +119,10 @@ int64_t block_bytes(int64_t type) {
 
 bool is_half(int64_t type) { return type == F16 || type == BF16; }
 
-int64_t block_values(int64_t type) { return is_k_quant(type) ? QK_K : is_half(type) ? 1 : QK; }
+int64_t block_values(int64_t type) {
+  if (is_x8(type)) type -= X8;
+  return is_k_quant(type) ? QK_K : is_half(type) ? 1 : QK;
+}
 
 struct XBlock {     // one quantized run of an activation row, for the 32-value formats
   int16_t q[QK];
@@ -518,6 +523,148 @@ void matmul_x8(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t
   });
 }
 
+// ---- Q4_K repacked eight rows at a time, the rows in the vector lanes ------------------------
+//
+// Q4_K's rows kernel (dot_k_block) spends 13-14 instructions on each run of 32 weights: the
+// integer dot product, then a conversion, a permute and an FMA for the run's own scale, and the
+// block's scales and mins unpacked in scalar code for every row. On two Zen 3 cores it computes
+// at only ~14 GB/s, so it cannot keep up with memory (12-13 GB/s from DRAM, ~50% of the read
+// bandwidth). Q4_K_X8 puts each of the eight rows of a group in one 32-bit lane instead:
+//
+//   block b of group g (rows 8g..8g+7), 8 x 144 bytes:
+//     f16 d[8] | f16 dmin[8] | scales[12][8] | weights: 8 runs j x 8 chunks i x 16 bytes
+//   scales[k][r] is byte k of row r's 12 packed scale bytes (the GGUF layout, transposed);
+//   chunk i of run j: byte 2r + e holds weight 32j + 2i + e of row r in its low nibble and
+//   weight 32j + 16 + 2i + e in its high nibble (e = 0, 1).
+//
+// Widening a chunk's bytes to int16 puts row r's weight pair (2i, 2i + 1) in lanes 2r, 2r + 1,
+// so one madd with the activation pair broadcast gives each row's partial sum in its own 32-bit
+// lane: no horizontal reduction, and the run's scale d * sc[j] * x.d[j] is one vector over the
+// rows. The mins and the 6-bit scales are likewise unpacked for the eight rows at once. Per row
+// and run this is 2 madds and ~5 simple operations; madd, the multiply, is the bound.
+// Activations are the 32-value runs of quantize_row (natural order), one scale per run; a
+// run's integer sum is exact (|sum| < 32 * 15 * 32767 < 2^24), so each activation row is
+// computed alone, in the same order whatever M is.
+
+constexpr int64_t kQ4KGroupBlock = 8 * kBlockBytes<Q4_K>;
+
+// The 64 six-bit scales and mins of a group's block, as bytes [run j][row r].
+inline void unpack_scales_x8(const uint8_t* packed, uint8_t sc[64], uint8_t mn[64]) {
+  const __m256i low6 = _mm256_set1_epi8(0x3F), low4 = _mm256_set1_epi8(0x0F),
+                bits45 = _mm256_set1_epi8(0x30);
+  // bytes 0-3, 4-7 and 8-11 of the eight rows' packed scales (unpack_scales_mins's w[0..2])
+  const __m256i w0 = load256(packed), w1 = load256(packed + 32), w2 = load256(packed + 64);
+  const auto store = [](uint8_t* to, __m256i v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), v);
+  };
+  store(sc, _mm256_and_si256(w0, low6));
+  store(mn, _mm256_and_si256(w1, low6));
+  store(sc + 32, _mm256_or_si256(_mm256_and_si256(w2, low4),
+                                 _mm256_and_si256(_mm256_srli_epi16(w0, 2), bits45)));
+  store(mn + 32, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(w2, 4), low4),
+                                 _mm256_and_si256(_mm256_srli_epi16(w1, 2), bits45)));
+}
+
+inline __m256 bytes8_to_floats(const uint8_t* p) {  // 8 unsigned bytes at p -> 8 floats
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// The eight rows of a Q4_K_X8 group dotted with one activation row (n_blocks * 8 runs): out[r].
+inline void dot_group_q4k_x8(const uint8_t* grp, const XBlock* x, int64_t n_blocks, float* out,
+                             int64_t distance) {
+  const __m256i low4 = _mm256_set1_epi16(0x0F);
+  __m256 total = _mm256_setzero_ps(), mins = _mm256_setzero_ps();
+  alignas(32) uint8_t sc[64], mn[64];
+  for (int64_t b = 0; b < n_blocks; b++) {
+    const uint8_t* gb = grp + b * kQ4KGroupBlock;
+    if (distance > 0) {
+      for (int64_t off = 0; off < kQ4KGroupBlock; off += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(gb + distance + off), _MM_HINT_T0);
+      }
+    }
+    unpack_scales_x8(gb + 32, sc, mn);
+    const XBlock* xb = x + 8 * b;
+    const uint8_t* runs = gb + 128;
+    __m256 block = _mm256_setzero_ps(), block_mins = _mm256_setzero_ps();
+    for (int j = 0; j < 8; j++) {
+      const int16_t* xq = xb[j].q;
+      __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; i++) {
+        const __m256i bytes = _mm256_cvtepu8_epi16(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(runs + 128 * j + 16 * i)));
+        int32_t pair_lo, pair_hi;  // activations (2i, 2i + 1) and (16 + 2i, 17 + 2i)
+        std::memcpy(&pair_lo, xq + 2 * i, 4);
+        std::memcpy(&pair_hi, xq + 16 + 2 * i, 4);
+        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_and_si256(bytes, low4),
+                                                        _mm256_set1_epi32(pair_lo)));
+        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(_mm256_srli_epi16(bytes, 4),
+                                                        _mm256_set1_epi32(pair_hi)));
+      }
+      const __m256 sum = _mm256_cvtepi32_ps(_mm256_add_epi32(acc0, acc1));
+      block = _mm256_fmadd_ps(_mm256_mul_ps(bytes8_to_floats(sc + 8 * j), _mm256_set1_ps(xb[j].d)),
+                              sum, block);
+      block_mins = _mm256_fmadd_ps(bytes8_to_floats(mn + 8 * j), _mm256_set1_ps(xb[j].s),
+                                   block_mins);
+    }
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb)));
+    const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb + 16)));
+    total = _mm256_fmadd_ps(d, block, total);
+    mins = _mm256_fmadd_ps(dmin, block_mins, mins);
+  }
+  _mm256_storeu_ps(out, _mm256_sub_ps(total, mins));
+}
+
+void matmul_q4k_x8(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t N,
+                   int64_t row_bytes, float* yp) {
+  const int64_t n_runs = K / QK, n_blocks = K / QK_K;
+  std::vector<XBlock> xq(M * n_runs);
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; m++) quantize_row(xp + m * K, xq.data() + m * n_runs, n_runs);
+  });
+  const int64_t distance = prefetch_bytes(), group_bytes = 8 * row_bytes;
+  at::parallel_for(0, N / 8, 2, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; g++) {
+      const uint8_t* grp = wp + g * group_bytes;
+      if (g == g0 && distance > 0) prefetch_lines(grp, distance);   // the stream's start
+      float out[8];
+      for (int64_t m = 0; m < M; m++) {   // later rows find the group in cache
+        dot_group_q4k_x8(grp, xq.data() + m * n_runs, n_blocks, out, m == 0 ? distance : 0);
+        for (int r = 0; r < 8; r++) yp[m * N + 8 * g + r] = out[r];
+      }
+    }
+  });
+}
+
+// Row n of a Q4_K_X8 matrix dequantized into out: each block's 12 scale bytes and each run's 16
+// weight bytes gathered back to the GGUF order, then dequantized as dequantize_k_block does
+// (the same floats, bit for bit).
+void dequantize_row_q4k_x8(const uint8_t* wp, int64_t row_bytes, int64_t n_blocks, int64_t n,
+                           float* out) {
+  const int64_t r = n % 8;
+  const uint8_t* grp = wp + (n - r) * row_bytes;
+  for (int64_t b = 0; b < n_blocks; b++) {
+    const uint8_t* gb = grp + b * kQ4KGroupBlock;
+    const float d = half_to_float(gb + 2 * r), dmin = half_to_float(gb + 16 + 2 * r);
+    uint8_t packed[12];
+    for (int k = 0; k < 12; k++) packed[k] = gb[32 + 8 * k + r];
+    uint64_t sc, mn;
+    unpack_scales_mins(packed, sc, mn);
+    for (int j = 0; j < 8; j++) {
+      alignas(16) uint16_t pairs[8];   // byte 2i + e: weights 2i + e (low) and 16 + 2i + e
+      for (int i = 0; i < 8; i++) std::memcpy(&pairs[i], gb + 128 + 128 * j + 16 * i + 2 * r, 2);
+      const __m128i q = _mm_load_si128(reinterpret_cast<const __m128i*>(pairs));
+      const __m128i low4 = _mm_set1_epi8(0x0F);
+      const __m256i values = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low4),
+                                              _mm_and_si128(q, low4));
+      const __m256 scale = _mm256_set1_ps(d * static_cast<float>((sc >> 8 * j) & 0xFF));
+      const __m256 bias = _mm256_set1_ps(dmin * static_cast<float>((mn >> 8 * j) & 0xFF));
+      const __m256 scales[2] = {scale, scale}, biases[2] = {bias, bias};
+      store_run(values, scales, biases, out + b * QK_K + QK * j);
+    }
+  }
+}
+
 // y[m, n] for rows n in [n0, n1) of W and all M rows of x (n_blocks blocks each). The weight
 // row stays in L1 while every activation row passes over it; the 32-value formats take four
 // activation rows per pass.
@@ -728,6 +875,7 @@ void qmatmul_into(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int6
     case Q4_0_X8: matmul_x8<Q4_0>(xp, M, K, wp, N, row_bytes, yp); break;
     case Q4_1_X8: matmul_x8<Q4_1>(xp, M, K, wp, N, row_bytes, yp); break;
     case Q8_0_X8: matmul_x8<Q8_0>(xp, M, K, wp, N, row_bytes, yp); break;
+    case Q4_K_X8: matmul_q4k_x8(xp, M, K, wp, N, row_bytes, yp); break;
     default: TORCH_CHECK(false, "qmatmul: unsupported ggml type ", type);
   }
 }
@@ -774,6 +922,7 @@ void dequantize_rows_into(const uint8_t* wp, int64_t row_bytes, int64_t type, in
       case Q4_0_X8: dequantize_row_32<Q4_0, true>(wp, row_bytes, n_blocks, n, o); break;
       case Q4_1_X8: dequantize_row_32<Q4_1, true>(wp, row_bytes, n_blocks, n, o); break;
       case Q4_K: dequantize_row_k<Q4_K>(row, n_blocks, o); break;
+      case Q4_K_X8: dequantize_row_q4k_x8(wp, row_bytes, n_blocks, n, o); break;
       case Q5_K: dequantize_row_k<Q5_K>(row, n_blocks, o); break;
       case Q6_K: dequantize_row_k<Q6_K>(row, n_blocks, o); break;
       case F16: dequantize_row_half<false>(reinterpret_cast<const uint16_t*>(row), K, o); break;
@@ -781,6 +930,43 @@ void dequantize_rows_into(const uint8_t* wp, int64_t row_bytes, int64_t type, in
       default: TORCH_CHECK(false, "dequantize: unsupported ggml type ", type);
     }
   }
+}
+
+// Q4_K rows (N, row_bytes), N a multiple of 8 -> the Q4_K_X8 layout (described above
+// dot_group_q4k_x8; formats.py's _repack_q4_k is the same in PyTorch, ~10x slower).
+torch::Tensor repack_q4_k(torch::Tensor raw) {
+  TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == torch::kUInt8 && raw.is_contiguous(),
+              "repack_q4_k: a contiguous 2-D uint8 tensor");
+  const int64_t N = raw.size(0), row_bytes = raw.size(1), bb = kBlockBytes<Q4_K>;
+  TORCH_CHECK(N % 8 == 0 && row_bytes % bb == 0, "repack_q4_k: rows in eights of whole blocks");
+  const int64_t n_blocks = row_bytes / bb;
+  auto out = torch::empty_like(raw);
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N / 8 * n_blocks, 64, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++) {
+      const int64_t g = t / n_blocks, b = t % n_blocks;
+      uint8_t* o = dst + g * 8 * row_bytes + b * kQ4KGroupBlock;
+      for (int r = 0; r < 8; r++) {
+        const uint8_t* blk = src + (8 * g + r) * row_bytes + b * bb;
+        std::memcpy(o + 2 * r, blk, 2);
+        std::memcpy(o + 16 + 2 * r, blk + 2, 2);
+        for (int k = 0; k < 12; k++) o[32 + 8 * k + r] = blk[4 + k];
+        for (int j = 0; j < 8; j++) {
+          const uint8_t* qs = blk + 16 + 32 * (j / 2);
+          const int shift = 4 * (j % 2);
+          for (int i = 0; i < 8; i++) {
+            for (int e = 0; e < 2; e++) {
+              const int lo = (qs[2 * i + e] >> shift) & 0x0F;
+              const int hi = (qs[16 + 2 * i + e] >> shift) & 0x0F;
+              o[128 + 128 * j + 16 * i + 2 * r + e] = static_cast<uint8_t>(lo | hi << 4);
+            }
+          }
+        }
+      }
+    }
+  });
+  return out;
 }
 
 // Dequantize rows: w (N, row_bytes) uint8 -> (N, K) float32.
