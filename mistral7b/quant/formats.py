@@ -40,20 +40,22 @@ FORMATS = {f.name: f for f in (
     BlockFormat("Q4_1x8", 1003, 32, 20),
     BlockFormat("Q8_0x8", 1008, 32, 34),
     BlockFormat("Q4_Kx8", 1012, 256, 144),
+    BlockFormat("Q6_Kx8", 1014, 256, 210),
 )}
 
 # Repacking (the x8 formats above): a format's repacked name, and the bytes of each field of one
 # of its blocks (scale, min, weights), which the x8 layout stores eight rows at a time.
-REPACKED = {"Q4_0": "Q4_0x8", "Q4_1": "Q4_1x8", "Q8_0": "Q8_0x8", "Q4_K": "Q4_Kx8"}
+REPACKED = {"Q4_0": "Q4_0x8", "Q4_1": "Q4_1x8", "Q8_0": "Q8_0x8", "Q4_K": "Q4_Kx8",
+            "Q6_K": "Q6_Kx8"}
 BASE = {x8: base for base, x8 in REPACKED.items()}
 _FIELDS = {"Q4_0": (2, 16), "Q4_1": (2, 2, 16), "Q8_0": (2, 32)}
 
 
 def repack(raw: torch.Tensor, fmt: str) -> torch.Tensor:
     """(N, row_bytes) blocks of `fmt`, N a multiple of 8 -> the x8 layout: for the 32-value
-    formats the same bytes in another order, for Q4_K its own (see _repack_q4_k)."""
-    if fmt == "Q4_K":
-        return _repack_q4_k(raw)
+    formats the same bytes in another order, for the K-quants their own (above _k_values)."""
+    if fmt in _K_HEADER:
+        return _repack_k(raw, fmt)
     n, row_bytes = raw.shape
     bb = FORMATS[fmt].block_bytes
     blocks = raw.reshape(n // 8, 8, row_bytes // bb, bb)          # (group, row, block, byte)
@@ -65,8 +67,8 @@ def repack(raw: torch.Tensor, fmt: str) -> torch.Tensor:
 def unrepack(raw: torch.Tensor, fmt_x8: str) -> torch.Tensor:
     """The inverse of repack: x8 bytes -> (N, row_bytes) blocks of the base format."""
     fmt = BASE[fmt_x8]
-    if fmt == "Q4_K":
-        return _unrepack_q4_k(raw)
+    if fmt in _K_HEADER:
+        return _unrepack_k(raw, fmt)
     n, row_bytes = raw.shape
     bb = FORMATS[fmt].block_bytes
     groups = raw.reshape(n // 8, row_bytes // bb, 8 * bb)          # (group, block, 8 blocks)
@@ -76,45 +78,100 @@ def unrepack(raw: torch.Tensor, fmt_x8: str) -> torch.Tensor:
     return torch.cat(fields, dim=3).reshape(n, row_bytes).contiguous()
 
 
-# Q4_Kx8 (the kernel and why: quant/csrc/qmatmul.cpp). Block b of rows 8g..8g+7 holds
-#   f16 d[8] | f16 dmin[8] | scales[12][8] | 8 runs j x 8 chunks i x 16 bytes,
-# scales[k][r] being byte k of row r's 12 packed scale bytes, and byte 2r + e of chunk i of run j
-# holding weight 32j + 2i + e of row r in its low nibble and weight 32j + 16 + 2i + e in its high
-# one. GGUF's Q4_K keeps run 2c in the low nibbles of qs[32c:32c + 32] and run 2c + 1 in the high.
+# The K-quants' x8 layouts (the kernel, and why: quant/csrc/qmatmul.cpp). Block b of rows
+# 8g..8g+7 holds
+#   Q4_Kx8: f16 d[8] | f16 dmin[8] | scales[12][8] | nibbles (1024 bytes)
+#   Q6_Kx8: f16 d[8] | int8 scales[16][8] | nibbles (1024 bytes) | high bits (512 bytes)
+# scales[k][r] being byte k of row r's scale bytes. Nibbles: for run j (32 weights) and chunk i
+# (0..7), 16 bytes whose byte 2r + e holds the low 4 bits of weight 32j + 2i + e of row r in its
+# low nibble and of weight 32j + 16 + 2i + e in its high nibble. High bits (Q6_K): for run j and
+# each pair of chunks (i = 2p, 2p + 1), 16 bytes; byte L (lane L = 2r + e) keeps the two high
+# bits of chunk i's first weight at bits 4 (i % 2) and of its second at bits 4 (i % 2) + 2.
 
-def _repack_q4_k(raw: torch.Tensor) -> torch.Tensor:
+def _k_values(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
+    """(..., block_bytes) GGUF K-quant blocks -> (..., 256) unsigned integer weights."""
+    lead = blocks.shape[:-1]
+    if fmt == "Q4_K":   # run 2c: low nibbles of qs[32c:32c + 32]; run 2c + 1: high nibbles
+        qs = blocks[..., 16:].reshape(*lead, 4, 1, 32)
+        return torch.cat((qs & 0x0F, qs >> 4), dim=-2).reshape(*lead, 256)
+    # Q6_K, weight 128h + 32k + i: nibble k // 2 of ql[64h + 32 (k % 2) + i], bits 2k, 2k + 1
+    # of qh[32h + i]
+    ql = blocks[..., :128].reshape(*lead, 2, 1, 2, 32)
+    qh = blocks[..., 128:192].reshape(*lead, 2, 1, 32)
+    low = torch.cat((ql & 0x0F, ql >> 4), dim=-3).reshape(*lead, 2, 4, 32)
+    high = torch.cat([qh >> 2 * k & 3 for k in range(4)], dim=-2)
+    return (low | high << 4).reshape(*lead, 256)
+
+
+def _k_weight_bytes(values: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The inverse of _k_values: (..., 256) weights -> the blocks' weight bytes."""
+    lead = values.shape[:-1]
+    if fmt == "Q4_K":
+        runs = values.reshape(*lead, 4, 2, 32)
+        return (runs[..., 0, :] | runs[..., 1, :] << 4).reshape(*lead, 128)
+    v = values.reshape(*lead, 2, 4, 32)
+    low, high = v & 0x0F, v >> 4
+    ql = torch.stack((low[..., 0, :] | low[..., 2, :] << 4, low[..., 1, :] | low[..., 3, :] << 4),
+                     dim=-2)
+    qh = high[..., 0, :] | high[..., 1, :] << 2 | high[..., 2, :] << 4 | high[..., 3, :] << 6
+    return torch.cat((ql.reshape(*lead, 128), qh.reshape(*lead, 64)), dim=-1)
+
+
+# Each K-quant's header fields (byte range in a block), in x8 order: stored row by row (the
+# 16-bit floats) or byte by byte (the scale bytes, transposed).
+_K_HEADER = {"Q4_K": [((0, 2), "rows"), ((2, 4), "rows"), ((4, 16), "bytes")],
+             "Q6_K": [((208, 210), "rows"), ((192, 208), "bytes")]}
+
+
+def _repack_k(raw: torch.Tensor, fmt: str) -> torch.Tensor:
     n, row_bytes = raw.shape
-    g, nb = n // 8, row_bytes // 144
-    blocks = raw.reshape(g, 8, nb, 144)                              # (group, row, block, byte)
+    bb = FORMATS[fmt].block_bytes
+    g, nb = n // 8, row_bytes // bb
+    blocks = raw.reshape(g, 8, nb, bb)                               # (group, row, block, byte)
+    parts = []
+    for (start, end), order in _K_HEADER[fmt]:
+        field = blocks[..., start:end]
+        dims = (0, 2, 1, 3) if order == "rows" else (0, 2, 3, 1)
+        parts.append(field.permute(*dims).reshape(g, nb, -1))
+    v = _k_values(blocks, fmt).reshape(g, 8, nb, 8, 2, 8, 2)         # (g, r, b, j, half, i, e)
+    nibbles = (v[..., 0, :, :] & 0x0F) | (v[..., 1, :, :] & 0x0F) << 4
+    parts.append(nibbles.permute(0, 2, 3, 4, 1, 5).reshape(g, nb, 1024))   # (g, b, j, i, r, e)
+    if fmt == "Q6_K":
+        high = (v >> 4).permute(0, 2, 3, 5, 1, 6, 4)                 # (g, b, j, i, r, e, half)
+        high = high.reshape(g, nb, 8, 4, 2, 16, 2)                   # (.., p, i % 2, lane, half)
+        byte = (high[..., 0, :, 0] | high[..., 0, :, 1] << 2 | high[..., 1, :, 0] << 4
+                | high[..., 1, :, 1] << 6)
+        parts.append(byte.reshape(g, nb, 512))
+    return torch.cat(parts, dim=2).reshape(n, row_bytes)
 
-    def by_block(field: torch.Tensor) -> torch.Tensor:               # (g, r, b, k) -> (g, b, k*r)
-        return field.permute(0, 2, 3, 1).reshape(g, nb, -1)
 
-    def by_row(field: torch.Tensor) -> torch.Tensor:                 # (g, r, b, k) -> (g, b, r*k)
-        return field.permute(0, 2, 1, 3).reshape(g, nb, -1)
-
-    qs = blocks[..., 16:].reshape(g, 8, nb, 4, 1, 32)
-    runs = torch.cat((qs & 0x0F, qs >> 4), dim=4)                    # (g, r, b, 4, 2, 32)
-    runs = runs.reshape(g, 8, nb, 8, 2, 8, 2)                        # (.., j, half, i, e)
-    chunks = runs[..., 0, :, :] | (runs[..., 1, :, :] << 4)          # (g, r, b, j, i, e)
-    weights = chunks.permute(0, 2, 3, 4, 1, 5).reshape(g, nb, 1024)  # (g, b, j, i, r, e)
-    return torch.cat((by_row(blocks[..., 0:2]), by_row(blocks[..., 2:4]),
-                      by_block(blocks[..., 4:16]), weights), dim=2).reshape(n, row_bytes)
-
-
-def _unrepack_q4_k(raw: torch.Tensor) -> torch.Tensor:
+def _unrepack_k(raw: torch.Tensor, fmt: str) -> torch.Tensor:
     n, row_bytes = raw.shape
-    g, nb = n // 8, row_bytes // 144
-    grp = raw.reshape(g, nb, 1152)
-    d = grp[..., 0:16].reshape(g, nb, 8, 2).permute(0, 2, 1, 3)
-    dmin = grp[..., 16:32].reshape(g, nb, 8, 2).permute(0, 2, 1, 3)
-    scales = grp[..., 32:128].reshape(g, nb, 12, 8).permute(0, 3, 1, 2)
-    chunks = grp[..., 128:].reshape(g, nb, 8, 8, 8, 2)               # (g, b, j, i, r, e)
-    chunks = chunks.permute(0, 4, 1, 2, 3, 5)                        # (g, r, b, j, i, e)
-    runs = torch.stack((chunks & 0x0F, chunks >> 4), dim=4)          # (g, r, b, j, half, i, e)
-    runs = runs.reshape(g, 8, nb, 4, 2, 32)                          # run j = 2c + h
-    qs = (runs[..., 0, :] | (runs[..., 1, :] << 4)).reshape(g, 8, nb, 128)
-    return torch.cat((d, dmin, scales, qs), dim=3).reshape(n, row_bytes).contiguous()
+    bb = FORMATS[fmt].block_bytes
+    g, nb = n // 8, row_bytes // bb
+    grp = raw.reshape(g, nb, 8 * bb)
+    fields, at = {}, 0
+    for (start, end), order in _K_HEADER[fmt]:
+        size = 8 * (end - start)
+        field = grp[..., at:at + size]
+        shape, dims = ((8, -1), (0, 2, 1, 3)) if order == "rows" else ((-1, 8), (0, 3, 1, 2))
+        fields[start] = field.reshape(g, nb, *shape).permute(*dims)  # (g, r, b, bytes)
+        at += size
+    chunks = grp[..., at:at + 1024].reshape(g, nb, 8, 8, 8, 2)       # (g, b, j, i, r, e)
+    v = torch.stack((chunks & 0x0F, chunks >> 4), dim=4)             # (g, b, j, i, half, r, e)
+    if fmt == "Q6_K":
+        high = grp[..., at + 1024:].reshape(g, nb, 8, 4, 1, 16, 1)   # (g, b, j, p, -, lane, -)
+        high = torch.cat([torch.cat([high >> 4 * c + 2 * half & 3 for half in (0, 1)], dim=6)
+                          for c in (0, 1)], dim=4)                   # (.., p, i % 2, lane, half)
+        high = high.reshape(g, nb, 8, 8, 8, 2, 2).permute(0, 1, 2, 3, 6, 4, 5)  # lane 2r + e
+        v = v | high << 4
+    values = v.permute(0, 5, 1, 2, 4, 3, 6).reshape(g, 8, nb, 256)  # (g, r, b, j, half, i, e)
+    weights = _k_weight_bytes(values, fmt)
+    if fmt == "Q4_K":
+        block = [fields[0], fields[2], fields[4], weights]
+    else:
+        block = [weights, fields[192], fields[208]]
+    return torch.cat(block, dim=3).reshape(n, row_bytes).contiguous()
 
 
 HALF_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16}

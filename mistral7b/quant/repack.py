@@ -7,9 +7,9 @@ block b field by field: the eight scales, the eight mins (Q4_1), then the eight 
     Q4_1 rows r0..r7, block b:  d[r0..r7] (8 f16) | m[r0..r7] (8 f16) | qs[r0] .. qs[r7] (8 x 16 B)
 
 For the 32-value formats these are the same bytes in another order (the byte permutation is
-formats.repack, beside the formats). Q4_K also interleaves the eight rows' weights, two bytes
-of each row per 16-byte chunk, so that the kernel finds row r's weights in vector lane r (its
-layout is beside _repack_q4_k in formats.py; why these layouts are faster is in
+formats.repack, beside the formats). The K-quants (Q4_K, Q6_K) also interleave the eight rows'
+weights, two bytes of each row per 16-byte chunk, so that the kernel finds row r's weights in
+vector lanes 2r, 2r + 1 (the layouts are above _k_values in formats.py; why they are faster is in
 quant/csrc/qmatmul.cpp). Matrices are repacked once at load, when the C++ kernels are there
 and the rows come in eights. The C++ kernels read both layouts (matmul and dequantize); the
 portable path un-repacks a copy.
@@ -22,13 +22,13 @@ import os
 from torch import nn
 
 from mistral7b.quant import kernels
-from mistral7b.quant.formats import BASE, REPACKED, repack, unrepack
+from mistral7b.quant.formats import BASE, FORMATS, REPACKED, repack, unrepack
 from mistral7b.quant.modules import QuantLinear
 
 __all__ = ["BASE", "REPACKED", "repack", "repack_linears", "unrepack"]
 
 def repack_linears(model: nn.Module) -> int:
-    """Repack every packed linear layer that can be (Q4_0, Q4_1, Q8_0 or Q4_K, rows in eights)
+    """Repack every packed linear layer that can be (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K; rows in eights)
     when the C++ kernels are available; returns how many were. MISTRAL7B_REPACK=0 keeps the GGUF
     order (to measure the difference)."""
     candidates = [m for m in model.modules()
@@ -40,8 +40,8 @@ def repack_linears(model: nn.Module) -> int:
             or (ext := kernels.extension()) is None):
         return 0
     for module in candidates:
-        if module.fmt == "Q4_K":   # the same bytes as formats.repack, in C++: a 7B model's
-            module.weight = ext.repack_q4_k(module.weight.contiguous())  # 3.8 GB in seconds
+        if module.fmt in ("Q4_K", "Q6_K"):  # formats.repack's bytes, in C++: ~40x faster
+            module.weight = ext.repack_k(module.weight.contiguous(), FORMATS[module.fmt].ggml_type)
         else:
             module.weight = repack(module.weight, module.fmt)
         module.fmt = REPACKED[module.fmt]

@@ -53,7 +53,7 @@ void prefill_matmul_into(const float* x, int64_t M, int64_t K, const uint8_t* w,
                          int64_t row_bytes, int64_t type, float* y);
 torch::Tensor prefill_matmul(torch::Tensor x, torch::Tensor w, int64_t type);
 torch::Tensor dequantize(torch::Tensor w, int64_t type);
-torch::Tensor repack_q4_k(torch::Tensor raw);
+torch::Tensor repack_k(torch::Tensor raw, int64_t type);
 
 // decode.cpp: one whole decode step (token ids to logits) for one new token per sequence. A
 // DecodeModel holds one model's weights, checked once; step runs them over a rolling cache.

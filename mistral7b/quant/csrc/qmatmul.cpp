@@ -90,11 +90,13 @@ constexpr int64_t QK_K = 256;  // values per K-quant block
 enum QType : int64_t {
   F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30,
   // Ours, not ggml's: the same blocks repacked eight rows at a time (see "x8" below).
-  X8 = 1000, Q4_0_X8 = X8 + Q4_0, Q4_1_X8 = X8 + Q4_1, Q8_0_X8 = X8 + Q8_0, Q4_K_X8 = X8 + Q4_K
+  X8 = 1000, Q4_0_X8 = X8 + Q4_0, Q4_1_X8 = X8 + Q4_1, Q8_0_X8 = X8 + Q8_0, Q4_K_X8 = X8 + Q4_K,
+  Q6_K_X8 = X8 + Q6_K
 };
 
 bool is_x8(int64_t type) {
-  return type == Q4_0_X8 || type == Q4_1_X8 || type == Q8_0_X8 || type == Q4_K_X8;
+  return type == Q4_0_X8 || type == Q4_1_X8 || type == Q8_0_X8 || type == Q4_K_X8 ||
+         type == Q6_K_X8;
 }
 
 template <int64_t T>
@@ -523,32 +525,41 @@ void matmul_x8(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t
   });
 }
 
-// ---- Q4_K repacked eight rows at a time, the rows in the vector lanes ------------------------
+// ---- K-quants repacked eight rows at a time, the rows in the vector lanes --------------------
 //
-// Q4_K's rows kernel (dot_k_block) spends 13-14 instructions on each run of 32 weights: the
-// integer dot product, then a conversion, a permute and an FMA for the run's own scale, and the
-// block's scales and mins unpacked in scalar code for every row. On two Zen 3 cores it computes
-// at only ~14 GB/s, so it cannot keep up with memory (12-13 GB/s from DRAM, ~50% of the read
-// bandwidth). Q4_K_X8 puts each of the eight rows of a group in one 32-bit lane instead:
+// The K-quant rows kernel (dot_k_block) spends 13-14 instructions on each run of 32 weights:
+// the integer dot product, then a conversion, a permute and an FMA for the run's own scale, and
+// the block's scales and mins unpacked in scalar code for every row. On two Zen 3 cores Q4_K
+// computes at only ~14 GB/s that way, so it cannot keep up with memory (11-12 GB/s from DRAM,
+// ~50-60% of the read bandwidth). The x8 layouts put each of the eight rows of a group in one
+// 32-bit lane instead. Block b of group g (rows 8g..8g+7):
 //
-//   block b of group g (rows 8g..8g+7), 8 x 144 bytes:
-//     f16 d[8] | f16 dmin[8] | scales[12][8] | weights: 8 runs j x 8 chunks i x 16 bytes
-//   scales[k][r] is byte k of row r's 12 packed scale bytes (the GGUF layout, transposed);
-//   chunk i of run j: byte 2r + e holds weight 32j + 2i + e of row r in its low nibble and
-//   weight 32j + 16 + 2i + e in its high nibble (e = 0, 1).
+//   Q4_K_X8 (8 x 144 bytes): f16 d[8] | f16 dmin[8] | scales[12][8] | nibbles
+//   Q6_K_X8 (8 x 210 bytes): f16 d[8] | int8 scales[16][8] | nibbles | high bits
+//
+//   scales[k][r]: byte k of row r's scale bytes (GGUF's, transposed);
+//   nibbles: 8 runs j x 8 chunks i x 16 bytes; byte 2r + e of chunk i of run j holds the low 4
+//     bits of weight 32j + 2i + e of row r in its low nibble and of weight 32j + 16 + 2i + e in
+//     its high nibble (e = 0, 1);
+//   high bits (Q6_K): 8 runs j x 4 chunk pairs x 16 bytes; byte L of pair i / 2 holds lane L's
+//     (L = 2r + e) two high bits of its first weight (32j + 2i + e) at bits 4 (i % 2) and of its
+//     second (32j + 16 + 2i + e) at bits 4 (i % 2) + 2.
 //
 // Widening a chunk's bytes to int16 puts row r's weight pair (2i, 2i + 1) in lanes 2r, 2r + 1,
 // so one madd with the activation pair broadcast gives each row's partial sum in its own 32-bit
-// lane: no horizontal reduction, and the run's scale d * sc[j] * x.d[j] is one vector over the
-// rows. The mins and the 6-bit scales are likewise unpacked for the eight rows at once. Per row
-// and run this is 2 madds and ~5 simple operations; madd, the multiply, is the bound.
-// Activations are the 32-value runs of quantize_row (natural order), one scale per run; a
-// run's integer sum is exact (|sum| < 32 * 15 * 32767 < 2^24), so each activation row is
-// computed alone, in the same order whatever M is.
+// lane: no horizontal reduction, and a run's scale is one vector over the rows. Per row and run
+// this is 2 madds and ~5 simple operations for Q4_K (~14 for Q6_K, whose high bits are spread
+// too); madd, the multiply, is the bound. Activations are the 32-value runs of quantize_row
+// (natural order), one scale per run, so each activation row is computed alone, in the same
+// order whatever M is. Q4_K's integer sums are exact in float32 (< 32 * 15 * 32767 < 2^24).
 
-constexpr int64_t kQ4KGroupBlock = 8 * kBlockBytes<Q4_K>;
+template <int64_t BASE>
+constexpr int64_t kGroupBlock = 8 * kBlockBytes<BASE>;
+template <int64_t BASE>
+constexpr int64_t kNibbles = BASE == Q4_K ? 128 : 144;    // where the nibbles start
+constexpr int64_t kHighBits = 144 + 1024;                  // Q6_K: where the high bits start
 
-// The 64 six-bit scales and mins of a group's block, as bytes [run j][row r].
+// The 64 six-bit scales and mins of a Q4_K_X8 block, as bytes [run j][row r].
 inline void unpack_scales_x8(const uint8_t* packed, uint8_t sc[64], uint8_t mn[64]) {
   const __m256i low6 = _mm256_set1_epi8(0x3F), low4 = _mm256_set1_epi8(0x0F),
                 bits45 = _mm256_set1_epi8(0x30);
@@ -565,62 +576,103 @@ inline void unpack_scales_x8(const uint8_t* packed, uint8_t sc[64], uint8_t mn[6
                                  _mm256_and_si256(_mm256_srli_epi16(w1, 2), bits45)));
 }
 
-inline __m256 bytes8_to_floats(const uint8_t* p) {  // 8 unsigned bytes at p -> 8 floats
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+template <bool SIGNED>   // 8 bytes at p -> 8 floats
+inline __m256 bytes8_to_floats(const uint8_t* p) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(SIGNED ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
 }
 
-// The eight rows of a Q4_K_X8 group dotted with one activation row (n_blocks * 8 runs): out[r].
-inline void dot_group_q4k_x8(const uint8_t* grp, const XBlock* x, int64_t n_blocks, float* out,
-                             int64_t distance) {
-  const __m256i low4 = _mm256_set1_epi16(0x0F);
-  __m256 total = _mm256_setzero_ps(), mins = _mm256_setzero_ps();
+// The eight rows of a K-quant x8 group dotted with one activation row (runs x, x_16: the
+// activation sums of each 16 values, for Q6_K's offset of 32): out[r].
+template <int64_t BASE>
+inline void dot_group_k_x8(const uint8_t* grp, const XBlock* x, const float* x_16,
+                           int64_t n_blocks, float* out, int64_t distance) {
+  constexpr int64_t GB = kGroupBlock<BASE>;
+  const __m256i low4 = _mm256_set1_epi16(0x0F), bits45 = _mm256_set1_epi16(0x30);
+  __m256 total = _mm256_setzero_ps(), subtract = _mm256_setzero_ps();
   alignas(32) uint8_t sc[64], mn[64];
   for (int64_t b = 0; b < n_blocks; b++) {
-    const uint8_t* gb = grp + b * kQ4KGroupBlock;
+    const uint8_t* gb = grp + b * GB;
     if (distance > 0) {
-      for (int64_t off = 0; off < kQ4KGroupBlock; off += 64) {
+      for (int64_t off = 0; off < GB; off += 64) {
         _mm_prefetch(reinterpret_cast<const char*>(gb + distance + off), _MM_HINT_T0);
       }
     }
-    unpack_scales_x8(gb + 32, sc, mn);
+    if constexpr (BASE == Q4_K) unpack_scales_x8(gb + 32, sc, mn);
     const XBlock* xb = x + 8 * b;
-    const uint8_t* runs = gb + 128;
-    __m256 block = _mm256_setzero_ps(), block_mins = _mm256_setzero_ps();
+    const uint8_t* nibbles = gb + kNibbles<BASE>;
+    __m256 block = _mm256_setzero_ps(), block_sub = _mm256_setzero_ps();
     for (int j = 0; j < 8; j++) {
       const int16_t* xq = xb[j].q;
       __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+      [[maybe_unused]] __m256i high;   // Q6_K: the high bits of chunks i and i + 1, a byte a lane
 #pragma GCC unroll 8
       for (int i = 0; i < 8; i++) {
         const __m256i bytes = _mm256_cvtepu8_epi16(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(runs + 128 * j + 16 * i)));
-        int32_t pair_lo, pair_hi;  // activations (2i, 2i + 1) and (16 + 2i, 17 + 2i)
-        std::memcpy(&pair_lo, xq + 2 * i, 4);
-        std::memcpy(&pair_hi, xq + 16 + 2 * i, 4);
-        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_and_si256(bytes, low4),
-                                                        _mm256_set1_epi32(pair_lo)));
-        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(_mm256_srli_epi16(bytes, 4),
-                                                        _mm256_set1_epi32(pair_hi)));
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibbles + 128 * j + 16 * i)));
+        __m256i first = _mm256_and_si256(bytes, low4), second = _mm256_srli_epi16(bytes, 4);
+        if constexpr (BASE == Q6_K) {  // the high bits to bits 4-5 of each lane
+          if (i % 2 == 0) {
+            high = _mm256_cvtepu8_epi16(_mm_loadu_si128(
+                reinterpret_cast<const __m128i*>(gb + kHighBits + 64 * j + 8 * i)));
+          }
+          const __m256i h0 = i % 2 ? high : _mm256_slli_epi16(high, 4);
+          const __m256i h1 = i % 2 ? _mm256_srli_epi16(high, 2) : _mm256_slli_epi16(high, 2);
+          first = _mm256_or_si256(first, _mm256_and_si256(h0, bits45));
+          second = _mm256_or_si256(second, _mm256_and_si256(h1, bits45));
+        }
+        int32_t pair0, pair1;  // activations (2i, 2i + 1) and (16 + 2i, 17 + 2i)
+        std::memcpy(&pair0, xq + 2 * i, 4);
+        std::memcpy(&pair1, xq + 16 + 2 * i, 4);
+        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(first, _mm256_set1_epi32(pair0)));
+        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(second, _mm256_set1_epi32(pair1)));
       }
-      const __m256 sum = _mm256_cvtepi32_ps(_mm256_add_epi32(acc0, acc1));
-      block = _mm256_fmadd_ps(_mm256_mul_ps(bytes8_to_floats(sc + 8 * j), _mm256_set1_ps(xb[j].d)),
-                              sum, block);
-      block_mins = _mm256_fmadd_ps(bytes8_to_floats(mn + 8 * j), _mm256_set1_ps(xb[j].s),
-                                   block_mins);
+      const __m256 xd = _mm256_set1_ps(xb[j].d);
+      if constexpr (BASE == Q4_K) {  // one scale and min per run
+        const __m256 sum = _mm256_cvtepi32_ps(_mm256_add_epi32(acc0, acc1));
+        block = _mm256_fmadd_ps(_mm256_mul_ps(bytes8_to_floats<false>(sc + 8 * j), xd), sum,
+                                block);
+        block_sub = _mm256_fmadd_ps(bytes8_to_floats<false>(mn + 8 * j),
+                                    _mm256_set1_ps(xb[j].s), block_sub);
+      } else {  // a scale per 16 weights: sub-blocks 2j (first halves) and 2j + 1
+        const uint8_t* s = gb + 16 + 16 * j;
+        const __m256 s0 = bytes8_to_floats<true>(s), s1 = bytes8_to_floats<true>(s + 8);
+        block = _mm256_fmadd_ps(_mm256_mul_ps(s0, xd), _mm256_cvtepi32_ps(acc0), block);
+        block = _mm256_fmadd_ps(_mm256_mul_ps(s1, xd), _mm256_cvtepi32_ps(acc1), block);
+        // every weight carries -32 d sc: times its 16 activations' sum
+        block_sub = _mm256_fmadd_ps(s0, _mm256_set1_ps(x_16[16 * b + 2 * j]), block_sub);
+        block_sub = _mm256_fmadd_ps(s1, _mm256_set1_ps(x_16[16 * b + 2 * j + 1]), block_sub);
+      }
     }
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb)));
-    const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb + 16)));
     total = _mm256_fmadd_ps(d, block, total);
-    mins = _mm256_fmadd_ps(dmin, block_mins, mins);
+    if constexpr (BASE == Q4_K) {
+      const __m256 dmin =
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb + 16)));
+      subtract = _mm256_fmadd_ps(dmin, block_sub, subtract);
+    } else {
+      subtract = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(32.f), d), block_sub, subtract);
+    }
   }
-  _mm256_storeu_ps(out, _mm256_sub_ps(total, mins));
+  _mm256_storeu_ps(out, _mm256_sub_ps(total, subtract));
 }
 
-void matmul_q4k_x8(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t N,
-                   int64_t row_bytes, float* yp) {
+template <int64_t BASE>
+void matmul_k_x8(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t N,
+                 int64_t row_bytes, float* yp) {
   const int64_t n_runs = K / QK, n_blocks = K / QK_K;
   std::vector<XBlock> xq(M * n_runs);
+  std::vector<float> x_16(BASE == Q6_K ? M * 2 * n_runs : 0);
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; m++) quantize_row(xp + m * K, xq.data() + m * n_runs, n_runs);
+    for (int64_t m = m0; m < m1; m++) {
+      XBlock* runs = xq.data() + m * n_runs;
+      quantize_row(xp + m * K, runs, n_runs);
+      for (int64_t i = 0; i < (BASE == Q6_K ? 2 * n_runs : 0); i++) {
+        int32_t sum = 0;
+        for (int t = 0; t < 16; t++) sum += runs[i / 2].q[16 * (i % 2) + t];
+        x_16[m * 2 * n_runs + i] = runs[i / 2].d * static_cast<float>(sum);
+      }
+    }
   });
   const int64_t distance = prefetch_bytes(), group_bytes = 8 * row_bytes;
   at::parallel_for(0, N / 8, 2, [&](int64_t g0, int64_t g1) {
@@ -629,38 +681,104 @@ void matmul_q4k_x8(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int
       if (g == g0 && distance > 0) prefetch_lines(grp, distance);   // the stream's start
       float out[8];
       for (int64_t m = 0; m < M; m++) {   // later rows find the group in cache
-        dot_group_q4k_x8(grp, xq.data() + m * n_runs, n_blocks, out, m == 0 ? distance : 0);
+        dot_group_k_x8<BASE>(grp, xq.data() + m * n_runs, x_16.data() + m * 2 * n_runs,
+                             n_blocks, out, m == 0 ? distance : 0);
         for (int r = 0; r < 8; r++) yp[m * N + 8 * g + r] = out[r];
       }
     }
   });
 }
 
-// Row n of a Q4_K_X8 matrix dequantized into out: each block's 12 scale bytes and each run's 16
-// weight bytes gathered back to the GGUF order, then dequantized as dequantize_k_block does
-// (the same floats, bit for bit).
-void dequantize_row_q4k_x8(const uint8_t* wp, int64_t row_bytes, int64_t n_blocks, int64_t n,
-                           float* out) {
-  const int64_t r = n % 8;
+// Where weight t (< 32) of run j of row r of a K-quant x8 block lives: its chunk's byte (the
+// nibble) and which nibble, and (Q6_K) its high bits' byte and shift.
+struct LanePlace {
+  int64_t nibble_byte, nibble_shift, high_byte, high_shift;
+};
+
+template <int64_t BASE>
+constexpr LanePlace lane_place(int r, int j, int t) {
+  const int second = t / 16, i = t % 16 / 2, lane = 2 * r + t % 2;
+  return {kNibbles<BASE> + 128 * j + 16 * i + lane, 4 * second,
+          kHighBits + 64 * j + 16 * (i / 2) + lane, 4 * (i % 2) + 2 * second};
+}
+
+// Row n of a K-quant x8 matrix dequantized into out: each run's 32 weights gathered back, then
+// dequantized as dequantize_k_block does (the same floats, bit for bit).
+template <int64_t BASE>
+void dequantize_row_k_x8(const uint8_t* wp, int64_t row_bytes, int64_t n_blocks, int64_t n,
+                         float* out) {
+  const int r = static_cast<int>(n % 8);
   const uint8_t* grp = wp + (n - r) * row_bytes;
   for (int64_t b = 0; b < n_blocks; b++) {
-    const uint8_t* gb = grp + b * kQ4KGroupBlock;
-    const float d = half_to_float(gb + 2 * r), dmin = half_to_float(gb + 16 + 2 * r);
-    uint8_t packed[12];
-    for (int k = 0; k < 12; k++) packed[k] = gb[32 + 8 * k + r];
-    uint64_t sc, mn;
-    unpack_scales_mins(packed, sc, mn);
+    const uint8_t* gb = grp + b * kGroupBlock<BASE>;
+    const float d = half_to_float(gb + 2 * r);
+    uint64_t sc = 0, mn = 0;
+    float dmin = 0.f;
+    if constexpr (BASE == Q4_K) {
+      dmin = half_to_float(gb + 16 + 2 * r);
+      uint8_t packed[12];
+      for (int k = 0; k < 12; k++) packed[k] = gb[32 + 8 * k + r];
+      unpack_scales_mins(packed, sc, mn);
+    }
     for (int j = 0; j < 8; j++) {
-      alignas(16) uint16_t pairs[8];   // byte 2i + e: weights 2i + e (low) and 16 + 2i + e
-      for (int i = 0; i < 8; i++) std::memcpy(&pairs[i], gb + 128 + 128 * j + 16 * i + 2 * r, 2);
-      const __m128i q = _mm_load_si128(reinterpret_cast<const __m128i*>(pairs));
-      const __m128i low4 = _mm_set1_epi8(0x0F);
-      const __m256i values = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low4),
-                                              _mm_and_si128(q, low4));
-      const __m256 scale = _mm256_set1_ps(d * static_cast<float>((sc >> 8 * j) & 0xFF));
-      const __m256 bias = _mm256_set1_ps(dmin * static_cast<float>((mn >> 8 * j) & 0xFF));
-      const __m256 scales[2] = {scale, scale}, biases[2] = {bias, bias};
-      store_run(values, scales, biases, out + b * QK_K + QK * j);
+      alignas(32) uint8_t values[32];
+      for (int t = 0; t < 32; t++) {
+        const LanePlace p = lane_place<BASE>(r, j, t);
+        int v = gb[p.nibble_byte] >> p.nibble_shift & 0x0F;
+        if constexpr (BASE == Q6_K) v |= (gb[p.high_byte] >> p.high_shift & 3) << 4;
+        values[t] = static_cast<uint8_t>(v);
+      }
+      __m256 scales[2], biases[2];
+      if constexpr (BASE == Q4_K) {
+        scales[0] = scales[1] = _mm256_set1_ps(d * static_cast<float>((sc >> 8 * j) & 0xFF));
+        biases[0] = biases[1] = _mm256_set1_ps(dmin * static_cast<float>((mn >> 8 * j) & 0xFF));
+      } else {  // (d * sc) * q - 32 * (d * sc), sub-blocks 2j and 2j + 1
+        for (int h = 0; h < 2; h++) {
+          const auto sc_h = static_cast<int8_t>(gb[16 + 8 * (2 * j + h) + r]);
+          const float s = d * static_cast<float>(sc_h);
+          scales[h] = _mm256_set1_ps(s);
+          biases[h] = _mm256_set1_ps(32.f * s);
+        }
+      }
+      store_run(load256(values), scales, biases, out + b * QK_K + QK * j);
+    }
+  }
+}
+
+// Weight v (< 256) of one GGUF K-quant block, as its unsigned integer (layouts: file header).
+template <int64_t BASE>
+inline int gguf_k_value(const uint8_t* blk, int v) {
+  if constexpr (BASE == Q4_K) {
+    const int j = v / 32;
+    return blk[16 + 32 * (j / 2) + v % 32] >> 4 * (j % 2) & 0x0F;
+  } else {
+    const int h = v / 128, k = v % 128 / 32, i = v % 32;
+    return (blk[64 * h + 32 * (k % 2) + i] >> 4 * (k / 2) & 0x0F) |
+           (blk[128 + 32 * h + i] >> 2 * k & 3) << 4;
+  }
+}
+
+// One group's block b in the x8 layout, from the eight rows' GGUF blocks.
+template <int64_t BASE>
+void repack_k_block(const uint8_t* rows[8], uint8_t* out) {
+  std::memset(out, 0, kGroupBlock<BASE>);
+  for (int r = 0; r < 8; r++) {
+    const uint8_t* blk = rows[r];
+    if constexpr (BASE == Q4_K) {
+      std::memcpy(out + 2 * r, blk, 2);                // d
+      std::memcpy(out + 16 + 2 * r, blk + 2, 2);       // dmin
+      for (int k = 0; k < 12; k++) out[32 + 8 * k + r] = blk[4 + k];
+    } else {
+      std::memcpy(out + 2 * r, blk + 208, 2);          // d
+      for (int k = 0; k < 16; k++) out[16 + 8 * k + r] = blk[192 + k];
+    }
+    for (int v = 0; v < 256; v++) {
+      const int q = gguf_k_value<BASE>(blk, v);
+      const LanePlace p = lane_place<BASE>(r, v / 32, v % 32);
+      out[p.nibble_byte] |= static_cast<uint8_t>((q & 0x0F) << p.nibble_shift);
+      if constexpr (BASE == Q6_K) {
+        out[p.high_byte] |= static_cast<uint8_t>((q >> 4) << p.high_shift);
+      }
     }
   }
 }
@@ -875,7 +993,8 @@ void qmatmul_into(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int6
     case Q4_0_X8: matmul_x8<Q4_0>(xp, M, K, wp, N, row_bytes, yp); break;
     case Q4_1_X8: matmul_x8<Q4_1>(xp, M, K, wp, N, row_bytes, yp); break;
     case Q8_0_X8: matmul_x8<Q8_0>(xp, M, K, wp, N, row_bytes, yp); break;
-    case Q4_K_X8: matmul_q4k_x8(xp, M, K, wp, N, row_bytes, yp); break;
+    case Q4_K_X8: matmul_k_x8<Q4_K>(xp, M, K, wp, N, row_bytes, yp); break;
+    case Q6_K_X8: matmul_k_x8<Q6_K>(xp, M, K, wp, N, row_bytes, yp); break;
     default: TORCH_CHECK(false, "qmatmul: unsupported ggml type ", type);
   }
 }
@@ -922,7 +1041,8 @@ void dequantize_rows_into(const uint8_t* wp, int64_t row_bytes, int64_t type, in
       case Q4_0_X8: dequantize_row_32<Q4_0, true>(wp, row_bytes, n_blocks, n, o); break;
       case Q4_1_X8: dequantize_row_32<Q4_1, true>(wp, row_bytes, n_blocks, n, o); break;
       case Q4_K: dequantize_row_k<Q4_K>(row, n_blocks, o); break;
-      case Q4_K_X8: dequantize_row_q4k_x8(wp, row_bytes, n_blocks, n, o); break;
+      case Q4_K_X8: dequantize_row_k_x8<Q4_K>(wp, row_bytes, n_blocks, n, o); break;
+      case Q6_K_X8: dequantize_row_k_x8<Q6_K>(wp, row_bytes, n_blocks, n, o); break;
       case Q5_K: dequantize_row_k<Q5_K>(row, n_blocks, o); break;
       case Q6_K: dequantize_row_k<Q6_K>(row, n_blocks, o); break;
       case F16: dequantize_row_half<false>(reinterpret_cast<const uint16_t*>(row), K, o); break;
@@ -932,13 +1052,14 @@ void dequantize_rows_into(const uint8_t* wp, int64_t row_bytes, int64_t type, in
   }
 }
 
-// Q4_K rows (N, row_bytes), N a multiple of 8 -> the Q4_K_X8 layout (described above
-// dot_group_q4k_x8; formats.py's _repack_q4_k is the same in PyTorch, ~10x slower).
-torch::Tensor repack_q4_k(torch::Tensor raw) {
+// K-quant rows (N, row_bytes) of ggml `type` (Q4_K, Q6_K), N a multiple of 8 -> its x8
+// layout (described above dot_group_k_x8; formats.py has the same in PyTorch, ~40x slower).
+torch::Tensor repack_k(torch::Tensor raw, int64_t type) {
+  TORCH_CHECK(type == Q4_K || type == Q6_K, "repack_k: Q4_K or Q6_K, got ggml type ", type);
   TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == torch::kUInt8 && raw.is_contiguous(),
-              "repack_q4_k: a contiguous 2-D uint8 tensor");
-  const int64_t N = raw.size(0), row_bytes = raw.size(1), bb = kBlockBytes<Q4_K>;
-  TORCH_CHECK(N % 8 == 0 && row_bytes % bb == 0, "repack_q4_k: rows in eights of whole blocks");
+              "repack_k: a contiguous 2-D uint8 tensor");
+  const int64_t N = raw.size(0), row_bytes = raw.size(1), bb = block_bytes(type);
+  TORCH_CHECK(N % 8 == 0 && row_bytes % bb == 0, "repack_k: rows in eights of whole blocks");
   const int64_t n_blocks = row_bytes / bb;
   auto out = torch::empty_like(raw);
   const uint8_t* src = raw.data_ptr<uint8_t>();
@@ -946,24 +1067,11 @@ torch::Tensor repack_q4_k(torch::Tensor raw) {
   at::parallel_for(0, N / 8 * n_blocks, 64, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; t++) {
       const int64_t g = t / n_blocks, b = t % n_blocks;
-      uint8_t* o = dst + g * 8 * row_bytes + b * kQ4KGroupBlock;
-      for (int r = 0; r < 8; r++) {
-        const uint8_t* blk = src + (8 * g + r) * row_bytes + b * bb;
-        std::memcpy(o + 2 * r, blk, 2);
-        std::memcpy(o + 16 + 2 * r, blk + 2, 2);
-        for (int k = 0; k < 12; k++) o[32 + 8 * k + r] = blk[4 + k];
-        for (int j = 0; j < 8; j++) {
-          const uint8_t* qs = blk + 16 + 32 * (j / 2);
-          const int shift = 4 * (j % 2);
-          for (int i = 0; i < 8; i++) {
-            for (int e = 0; e < 2; e++) {
-              const int lo = (qs[2 * i + e] >> shift) & 0x0F;
-              const int hi = (qs[16 + 2 * i + e] >> shift) & 0x0F;
-              o[128 + 128 * j + 16 * i + 2 * r + e] = static_cast<uint8_t>(lo | hi << 4);
-            }
-          }
-        }
-      }
+      const uint8_t* rows[8];
+      for (int r = 0; r < 8; r++) rows[r] = src + (8 * g + r) * row_bytes + b * bb;
+      uint8_t* o = dst + g * 8 * row_bytes + b * 8 * bb;
+      if (type == Q4_K) repack_k_block<Q4_K>(rows, o);
+      else repack_k_block<Q6_K>(rows, o);
     }
   });
   return out;
