@@ -113,7 +113,7 @@ def test_the_first_generation_in_a_process_equals_the_later_ones() -> None:
 
 # ---- formats repacked eight rows at a time ---------------------------------------------------
 
-X8 = ["Q4_0x8", "Q4_1x8", "Q8_0x8", "Q4_Kx8", "Q6_Kx8"]
+X8 = ["Q4_0x8", "Q4_1x8", "Q8_0x8", "Q4_Kx8", "Q5_Kx8", "Q6_Kx8"]
 
 
 @pytest.mark.parametrize("fmt", ["Q4_0x8", "Q4_1x8", "Q8_0x8"])
@@ -130,15 +130,16 @@ def test_repacking_is_a_permutation_of_the_bytes(fmt: str) -> None:
 def gguf_k_value(block: torch.Tensor, fmt: str, v: int) -> int:
     """Weight v of one GGUF K-quant block as its unsigned integer, read as the gguf package's
     dequantize does."""
-    if fmt == "Q4_K":
+    if fmt in ("Q4_K", "Q5_K"):
         j = v // 32
-        return int(block[16 + 32 * (j // 2) + v % 32]) >> 4 * (j % 2) & 0x0F
+        low = int(block[-128 + 32 * (j // 2) + v % 32]) >> 4 * (j % 2) & 0x0F
+        return low if fmt == "Q4_K" else low | (int(block[16 + v % 32]) >> j & 1) << 4
     h, k, i = v // 128, v % 128 // 32, v % 32
     return ((int(block[64 * h + 32 * (k % 2) + i]) >> 4 * (k // 2) & 0x0F)
             | (int(block[128 + 32 * h + i]) >> 2 * k & 3) << 4)
 
 
-@pytest.mark.parametrize("fmt", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q5_K", "Q6_K"])
 def test_k_quant_repacking_puts_each_weight_where_the_kernel_reads_it(fmt: str) -> None:
     bb = FORMATS_BY_NAME[fmt].block_bytes
     raw, reference = packed_weight(fmt, 16, 768, seed=3)
@@ -146,23 +147,25 @@ def test_k_quant_repacking_puts_each_weight_where_the_kernel_reads_it(fmt: str) 
     assert packed.shape == raw.shape and torch.equal(repack.unrepack(packed, fmt + "x8"), raw)
     assert torch.equal(dequantize(packed, fmt + "x8"), reference)   # the portable path
     groups = packed.reshape(2, 3, 8 * bb)                 # (group, block, bytes of the 8 rows)
-    nibbles, high_bits = (128, None) if fmt == "Q4_K" else (144, 1168)
+    nibbles = 144 if fmt == "Q6_K" else 128
+    width = {"Q5_K": 1, "Q6_K": 2}.get(fmt, 0)          # bits above the nibble, per weight
     for row, block, v in [(0, 0, 0), (3, 1, 21), (7, 2, 255), (10, 2, 130), (15, 0, 47)]:
         g, r, j, t = row // 8, row % 8, v // 32, v % 32
         second, i, lane = t // 16, t % 16 // 2, 2 * r + t % 2
         value = int(groups[g, block, nibbles + 128 * j + 16 * i + lane]) >> 4 * second & 0x0F
-        if high_bits is not None:
-            byte = int(groups[g, block, high_bits + 64 * j + 16 * (i // 2) + lane])
-            value |= (byte >> 4 * (i % 2) + 2 * second & 3) << 4
+        if width:                                         # C chunks per 16 bytes
+            c = 4 // width
+            byte = int(groups[g, block, nibbles + 1024 + 16 * (8 // c) * j + 16 * (i // c) + lane])
+            value |= (byte >> 2 * width * (i % c) + width * second & (1 << width) - 1) << 4
         assert value == gguf_k_value(raw[row, bb * block:bb * (block + 1)], fmt, v), (row, v)
-    scales = {"Q4_K": (32, 4, 12), "Q6_K": (16, 192, 16)}[fmt]   # x8 start, GGUF start, bytes
+    scales = {"Q6_K": (16, 192, 16)}.get(fmt, (32, 4, 12))   # x8 start, GGUF start, bytes
     for row, block in [(0, 0), (11, 2)]:
         g, r = row // 8, row % 8
         for k in range(scales[2]):                        # the scale bytes, transposed
             assert groups[g, block, scales[0] + 8 * k + r] == raw[row, bb * block + scales[1] + k]
 
 
-@pytest.mark.parametrize("fmt", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q5_K", "Q6_K"])
 def test_k_quant_repacking_in_cpp_gives_the_same_bytes(ext: object, fmt: str) -> None:
     raw, _ = packed_weight(fmt, 40, 1024, seed=5)
     ggml_type = FORMATS_BY_NAME[fmt].ggml_type

@@ -4,6 +4,7 @@ kernels are tested against together with `gguf.quants.dequantize`)."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,13 +41,14 @@ FORMATS = {f.name: f for f in (
     BlockFormat("Q4_1x8", 1003, 32, 20),
     BlockFormat("Q8_0x8", 1008, 32, 34),
     BlockFormat("Q4_Kx8", 1012, 256, 144),
+    BlockFormat("Q5_Kx8", 1013, 256, 176),
     BlockFormat("Q6_Kx8", 1014, 256, 210),
 )}
 
 # Repacking (the x8 formats above): a format's repacked name, and the bytes of each field of one
 # of its blocks (scale, min, weights), which the x8 layout stores eight rows at a time.
 REPACKED = {"Q4_0": "Q4_0x8", "Q4_1": "Q4_1x8", "Q8_0": "Q8_0x8", "Q4_K": "Q4_Kx8",
-            "Q6_K": "Q6_Kx8"}
+            "Q5_K": "Q5_Kx8", "Q6_K": "Q6_Kx8"}
 BASE = {x8: base for base, x8 in REPACKED.items()}
 _FIELDS = {"Q4_0": (2, 16), "Q4_1": (2, 2, 16), "Q8_0": (2, 32)}
 
@@ -81,19 +83,25 @@ def unrepack(raw: torch.Tensor, fmt_x8: str) -> torch.Tensor:
 # The K-quants' x8 layouts (the kernel, and why: quant/csrc/qmatmul.cpp). Block b of rows
 # 8g..8g+7 holds
 #   Q4_Kx8: f16 d[8] | f16 dmin[8] | scales[12][8] | nibbles (1024 bytes)
+#   Q5_Kx8: f16 d[8] | f16 dmin[8] | scales[12][8] | nibbles (1024 bytes) | high bits (256 bytes)
 #   Q6_Kx8: f16 d[8] | int8 scales[16][8] | nibbles (1024 bytes) | high bits (512 bytes)
 # scales[k][r] being byte k of row r's scale bytes. Nibbles: for run j (32 weights) and chunk i
 # (0..7), 16 bytes whose byte 2r + e holds the low 4 bits of weight 32j + 2i + e of row r in its
-# low nibble and of weight 32j + 16 + 2i + e in its high nibble. High bits (Q6_K): for run j and
-# each pair of chunks (i = 2p, 2p + 1), 16 bytes; byte L (lane L = 2r + e) keeps the two high
-# bits of chunk i's first weight at bits 4 (i % 2) and of its second at bits 4 (i % 2) + 2.
+# low nibble and of weight 32j + 16 + 2i + e in its high nibble. High bits, W a weight (Q5_K 1,
+# Q6_K 2): for run j and each C = 4 / W chunks (i // C the same), 16 bytes; byte L (lane
+# L = 2r + e) keeps the high bits of chunk i's first weight at bit 2W (i % C) and of its second
+# at bit 2W (i % C) + W.
 
 def _k_values(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
     """(..., block_bytes) GGUF K-quant blocks -> (..., 256) unsigned integer weights."""
     lead = blocks.shape[:-1]
-    if fmt == "Q4_K":   # run 2c: low nibbles of qs[32c:32c + 32]; run 2c + 1: high nibbles
-        qs = blocks[..., 16:].reshape(*lead, 4, 1, 32)
-        return torch.cat((qs & 0x0F, qs >> 4), dim=-2).reshape(*lead, 256)
+    if fmt in ("Q4_K", "Q5_K"):  # run 2c: low nibbles of qs[32c:32c + 32]; 2c + 1: the high
+        qs = blocks[..., -128:].reshape(*lead, 4, 1, 32)
+        low = torch.cat((qs & 0x0F, qs >> 4), dim=-2).reshape(*lead, 8, 32)
+        if fmt == "Q4_K":
+            return low.reshape(*lead, 256)
+        qh = blocks[..., 16:48].reshape(*lead, 1, 32)    # bit j of qh[i]: weight 32j + i's fifth
+        return (low | torch.cat([qh >> j & 1 for j in range(8)], dim=-2) << 4).reshape(*lead, 256)
     # Q6_K, weight 128h + 32k + i: nibble k // 2 of ql[64h + 32 (k % 2) + i], bits 2k, 2k + 1
     # of qh[32h + i]
     ql = blocks[..., :128].reshape(*lead, 2, 1, 2, 32)
@@ -106,9 +114,14 @@ def _k_values(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
 def _k_weight_bytes(values: torch.Tensor, fmt: str) -> torch.Tensor:
     """The inverse of _k_values: (..., 256) weights -> the blocks' weight bytes."""
     lead = values.shape[:-1]
-    if fmt == "Q4_K":
-        runs = values.reshape(*lead, 4, 2, 32)
-        return (runs[..., 0, :] | runs[..., 1, :] << 4).reshape(*lead, 128)
+    if fmt in ("Q4_K", "Q5_K"):
+        runs = values.reshape(*lead, 4, 2, 32) & 0x0F
+        qs = (runs[..., 0, :] | runs[..., 1, :] << 4).reshape(*lead, 128)
+        if fmt == "Q4_K":
+            return qs
+        fifth = (values.reshape(*lead, 8, 32) >> 4).to(torch.int32)
+        qh = (fifth << torch.arange(8, dtype=torch.int32).reshape(8, 1)).sum(dim=-2)
+        return torch.cat((qh.to(torch.uint8), qs), dim=-1)
     v = values.reshape(*lead, 2, 4, 32)
     low, high = v & 0x0F, v >> 4
     ql = torch.stack((low[..., 0, :] | low[..., 2, :] << 4, low[..., 1, :] | low[..., 3, :] << 4),
@@ -120,7 +133,9 @@ def _k_weight_bytes(values: torch.Tensor, fmt: str) -> torch.Tensor:
 # Each K-quant's header fields (byte range in a block), in x8 order: stored row by row (the
 # 16-bit floats) or byte by byte (the scale bytes, transposed).
 _K_HEADER = {"Q4_K": [((0, 2), "rows"), ((2, 4), "rows"), ((4, 16), "bytes")],
+             "Q5_K": [((0, 2), "rows"), ((2, 4), "rows"), ((4, 16), "bytes")],
              "Q6_K": [((208, 210), "rows"), ((192, 208), "bytes")]}
+_HIGH_WIDTH = {"Q5_K": 1, "Q6_K": 2}       # bits above the nibble, per weight
 
 
 def _repack_k(raw: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -136,12 +151,15 @@ def _repack_k(raw: torch.Tensor, fmt: str) -> torch.Tensor:
     v = _k_values(blocks, fmt).reshape(g, 8, nb, 8, 2, 8, 2)         # (g, r, b, j, half, i, e)
     nibbles = (v[..., 0, :, :] & 0x0F) | (v[..., 1, :, :] & 0x0F) << 4
     parts.append(nibbles.permute(0, 2, 3, 4, 1, 5).reshape(g, nb, 1024))   # (g, b, j, i, r, e)
-    if fmt == "Q6_K":
+    if fmt in _HIGH_WIDTH:
+        w = _HIGH_WIDTH[fmt]
+        c = 4 // w
         high = (v >> 4).permute(0, 2, 3, 5, 1, 6, 4)                 # (g, b, j, i, r, e, half)
-        high = high.reshape(g, nb, 8, 4, 2, 16, 2)                   # (.., p, i % 2, lane, half)
-        byte = (high[..., 0, :, 0] | high[..., 0, :, 1] << 2 | high[..., 1, :, 0] << 4
-                | high[..., 1, :, 1] << 6)
-        parts.append(byte.reshape(g, nb, 512))
+        high = high.reshape(g, nb, 8, 8 // c, c, 16, 2)              # (.., i // C, i % C, L, half)
+        byte = torch.zeros_like(high[..., 0, :, 0])
+        for i, half in itertools.product(range(c), (0, 1)):
+            byte |= high[..., i, :, half] << 2 * w * i + w * half
+        parts.append(byte.reshape(g, nb, -1))
     return torch.cat(parts, dim=2).reshape(n, row_bytes)
 
 
@@ -159,15 +177,18 @@ def _unrepack_k(raw: torch.Tensor, fmt: str) -> torch.Tensor:
         at += size
     chunks = grp[..., at:at + 1024].reshape(g, nb, 8, 8, 8, 2)       # (g, b, j, i, r, e)
     v = torch.stack((chunks & 0x0F, chunks >> 4), dim=4)             # (g, b, j, i, half, r, e)
-    if fmt == "Q6_K":
-        high = grp[..., at + 1024:].reshape(g, nb, 8, 4, 1, 16, 1)   # (g, b, j, p, -, lane, -)
-        high = torch.cat([torch.cat([high >> 4 * c + 2 * half & 3 for half in (0, 1)], dim=6)
-                          for c in (0, 1)], dim=4)                   # (.., p, i % 2, lane, half)
+    if fmt in _HIGH_WIDTH:
+        w = _HIGH_WIDTH[fmt]
+        c = 4 // w
+        high = grp[..., at + 1024:].reshape(g, nb, 8, 8 // c, 1, 16, 1)  # (.., i // C, -, L, -)
+        high = torch.cat([torch.cat([high >> 2 * w * i + w * half & (1 << w) - 1
+                                     for half in (0, 1)], dim=6)
+                          for i in range(c)], dim=4)                 # (.., i // C, i % C, L, half)
         high = high.reshape(g, nb, 8, 8, 8, 2, 2).permute(0, 1, 2, 3, 6, 4, 5)  # lane 2r + e
         v = v | high << 4
     values = v.permute(0, 5, 1, 2, 4, 3, 6).reshape(g, 8, nb, 256)  # (g, r, b, j, half, i, e)
     weights = _k_weight_bytes(values, fmt)
-    if fmt == "Q4_K":
+    if fmt != "Q6_K":
         block = [fields[0], fields[2], fields[4], weights]
     else:
         block = [weights, fields[192], fields[208]]

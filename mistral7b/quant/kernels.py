@@ -28,7 +28,7 @@ log = logging.getLogger("mistral7b")
 
 # Formats the C++ kernels implement (qmatmul and dequantize): all of FORMATS.
 FAST_FORMATS = {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16",
-                "Q4_0x8", "Q4_1x8", "Q8_0x8", "Q4_Kx8", "Q6_Kx8"}
+                "Q4_0x8", "Q4_1x8", "Q8_0x8", "Q4_Kx8", "Q5_Kx8", "Q6_Kx8"}
 
 # Which kernel multiplies x by a packed matrix. Decode (one new token per sequence): always the
 # integer kernel (16-bit activations), which computes each row alone, so a sequence's numbers

@@ -7,7 +7,7 @@ block b field by field: the eight scales, the eight mins (Q4_1), then the eight 
     Q4_1 rows r0..r7, block b:  d[r0..r7] (8 f16) | m[r0..r7] (8 f16) | qs[r0] .. qs[r7] (8 x 16 B)
 
 For the 32-value formats these are the same bytes in another order (the byte permutation is
-formats.repack, beside the formats). The K-quants (Q4_K, Q6_K) also interleave the eight rows'
+formats.repack, beside the formats). The K-quants (Q4_K, Q5_K, Q6_K) also interleave the eight rows'
 weights, two bytes of each row per 16-byte chunk, so that the kernel finds row r's weights in
 vector lanes 2r, 2r + 1 (the layouts are above _k_values in formats.py; why they are faster is in
 quant/csrc/qmatmul.cpp). Matrices are repacked once at load, when the C++ kernels are there
@@ -28,7 +28,7 @@ from mistral7b.quant.modules import QuantLinear
 __all__ = ["BASE", "REPACKED", "repack", "repack_linears", "unrepack"]
 
 def repack_linears(model: nn.Module) -> int:
-    """Repack every packed linear layer that can be (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K; rows in eights)
+    """Repack every packed linear layer that can be (a format of REPACKED, rows in eights)
     when the C++ kernels are available; returns how many were. MISTRAL7B_REPACK=0 keeps the GGUF
     order (to measure the difference)."""
     candidates = [m for m in model.modules()
@@ -40,7 +40,7 @@ def repack_linears(model: nn.Module) -> int:
             or (ext := kernels.extension()) is None):
         return 0
     for module in candidates:
-        if module.fmt in ("Q4_K", "Q6_K"):  # formats.repack's bytes, in C++: ~40x faster
+        if module.fmt in ("Q4_K", "Q5_K", "Q6_K"):  # formats.repack's bytes, in C++: ~40x faster
             module.weight = ext.repack_k(module.weight.contiguous(), FORMATS[module.fmt].ggml_type)
         else:
             module.weight = repack(module.weight, module.fmt)

@@ -6,7 +6,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x @ dequantize(w).T in float32, dequantizing a few rows at a time (pre-fill)");
   m.def("dequantize", &dequantize,
         "dequantize Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/F16/BF16 rows to float32");
-  m.def("repack_k", &repack_k, "Q4_K/Q6_K rows -> their x8 layout (eight rows in the lanes)");
+  m.def("repack_k", &repack_k, "Q4_K/Q5_K/Q6_K rows -> their x8 layout (eight rows in the lanes)");
   m.def("prefetch_bytes", &prefetch_bytes, "how far ahead the matmuls prefetch weights (bytes)");
   m.def("set_prefetch_bytes", &set_prefetch_bytes, "set the prefetch distance (0 = off)");
   m.def("stream_read", &stream_read, "read a uint8 buffer once, in parallel (bandwidth probe)");

@@ -91,12 +91,12 @@ enum QType : int64_t {
   F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30,
   // Ours, not ggml's: the same blocks repacked eight rows at a time (see "x8" below).
   X8 = 1000, Q4_0_X8 = X8 + Q4_0, Q4_1_X8 = X8 + Q4_1, Q8_0_X8 = X8 + Q8_0, Q4_K_X8 = X8 + Q4_K,
-  Q6_K_X8 = X8 + Q6_K
+  Q5_K_X8 = X8 + Q5_K, Q6_K_X8 = X8 + Q6_K
 };
 
 bool is_x8(int64_t type) {
   return type == Q4_0_X8 || type == Q4_1_X8 || type == Q8_0_X8 || type == Q4_K_X8 ||
-         type == Q6_K_X8;
+         type == Q5_K_X8 || type == Q6_K_X8;
 }
 
 template <int64_t T>
@@ -535,29 +535,46 @@ void matmul_x8(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t
 // 32-bit lane instead. Block b of group g (rows 8g..8g+7):
 //
 //   Q4_K_X8 (8 x 144 bytes): f16 d[8] | f16 dmin[8] | scales[12][8] | nibbles
+//   Q5_K_X8 (8 x 176 bytes): f16 d[8] | f16 dmin[8] | scales[12][8] | nibbles | high bits
 //   Q6_K_X8 (8 x 210 bytes): f16 d[8] | int8 scales[16][8] | nibbles | high bits
 //
 //   scales[k][r]: byte k of row r's scale bytes (GGUF's, transposed);
 //   nibbles: 8 runs j x 8 chunks i x 16 bytes; byte 2r + e of chunk i of run j holds the low 4
 //     bits of weight 32j + 2i + e of row r in its low nibble and of weight 32j + 16 + 2i + e in
 //     its high nibble (e = 0, 1);
-//   high bits (Q6_K): 8 runs j x 4 chunk pairs x 16 bytes; byte L of pair i / 2 holds lane L's
-//     (L = 2r + e) two high bits of its first weight (32j + 2i + e) at bits 4 (i % 2) and of its
-//     second (32j + 16 + 2i + e) at bits 4 (i % 2) + 2.
+//   high bits: the bits above the nibble, W per weight (Q5_K: 1, Q6_K: 2), for C chunks in 16
+//     bytes (C = 4 / W: 16 bytes per 4 chunks for Q5_K, per 2 for Q6_K); in the 16 bytes of
+//     chunks i (i / C = const) of run j, byte L holds lane L's (L = 2r + e) high bits of its
+//     first weight (32j + 2i + e) at bit 2W (i % C) and of its second (32j + 16 + 2i + e) at bit
+//     2W (i % C) + W.
 //
 // Widening a chunk's bytes to int16 puts row r's weight pair (2i, 2i + 1) in lanes 2r, 2r + 1,
 // so one madd with the activation pair broadcast gives each row's partial sum in its own 32-bit
 // lane: no horizontal reduction, and a run's scale is one vector over the rows. Per row and run
-// this is 2 madds and ~5 simple operations for Q4_K (~14 for Q6_K, whose high bits are spread
-// too); madd, the multiply, is the bound. Activations are the 32-value runs of quantize_row
-// (natural order), one scale per run, so each activation row is computed alone, in the same
-// order whatever M is. Q4_K's integer sums are exact in float32 (< 32 * 15 * 32767 < 2^24).
+// this is 2 madds and ~5 simple operations for Q4_K (~6 more for Q5_K and Q6_K, whose high bits
+// are spread too); madd, the multiply, is the bound. Activations are the 32-value runs of
+// quantize_row (natural order), one scale per run, so each activation row is computed alone, in
+// the same order whatever M is. Q4_K's integer sums are exact in float32 (< 32 * 15 * 32767 <
+// 2^24); Q5_K's and Q6_K's may round in their last bit.
 
 template <int64_t BASE>
 constexpr int64_t kGroupBlock = 8 * kBlockBytes<BASE>;
 template <int64_t BASE>
-constexpr int64_t kNibbles = BASE == Q4_K ? 128 : 144;    // where the nibbles start
-constexpr int64_t kHighBits = 144 + 1024;                  // Q6_K: where the high bits start
+constexpr int64_t kNibbles = BASE == Q6_K ? 144 : 128;      // where the nibbles start
+template <int64_t BASE>
+constexpr int64_t kHighBits = kNibbles<BASE> + 1024;        // where the high bits start
+template <int64_t BASE>
+constexpr int kHighWidth = BASE == Q6_K ? 2 : 1;            // W: high bits per weight
+template <int64_t BASE>
+constexpr int kHighChunks = 4 / kHighWidth<BASE>;           // C: chunks per 16 bytes of them
+
+// Bits [from, from + width) of each 16-bit lane of v moved to [4, 4 + width), the rest zero.
+inline __m256i bits_to_4(__m256i v, int from, int width) {
+  const __m256i mask = _mm256_set1_epi16(static_cast<int16_t>(((1 << width) - 1) << 4));
+  if (from < 4) v = _mm256_slli_epi16(v, 4 - from);
+  if (from > 4) v = _mm256_srli_epi16(v, from - 4);
+  return _mm256_and_si256(v, mask);
+}
 
 // The 64 six-bit scales and mins of a Q4_K_X8 block, as bytes [run j][row r].
 inline void unpack_scales_x8(const uint8_t* packed, uint8_t sc[64], uint8_t mn[64]) {
@@ -588,7 +605,8 @@ template <int64_t BASE>
 inline void dot_group_k_x8(const uint8_t* grp, const XBlock* x, const float* x_16,
                            int64_t n_blocks, float* out, int64_t distance) {
   constexpr int64_t GB = kGroupBlock<BASE>;
-  const __m256i low4 = _mm256_set1_epi16(0x0F), bits45 = _mm256_set1_epi16(0x30);
+  constexpr int W = kHighWidth<BASE>, C = kHighChunks<BASE>;
+  const __m256i low4 = _mm256_set1_epi16(0x0F);
   __m256 total = _mm256_setzero_ps(), subtract = _mm256_setzero_ps();
   alignas(32) uint8_t sc[64], mn[64];
   for (int64_t b = 0; b < n_blocks; b++) {
@@ -598,28 +616,26 @@ inline void dot_group_k_x8(const uint8_t* grp, const XBlock* x, const float* x_1
         _mm_prefetch(reinterpret_cast<const char*>(gb + distance + off), _MM_HINT_T0);
       }
     }
-    if constexpr (BASE == Q4_K) unpack_scales_x8(gb + 32, sc, mn);
+    if constexpr (BASE != Q6_K) unpack_scales_x8(gb + 32, sc, mn);
     const XBlock* xb = x + 8 * b;
     const uint8_t* nibbles = gb + kNibbles<BASE>;
     __m256 block = _mm256_setzero_ps(), block_sub = _mm256_setzero_ps();
     for (int j = 0; j < 8; j++) {
       const int16_t* xq = xb[j].q;
       __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
-      [[maybe_unused]] __m256i high;   // Q6_K: the high bits of chunks i and i + 1, a byte a lane
+      [[maybe_unused]] __m256i high;   // the high bits of C chunks, a byte a lane
 #pragma GCC unroll 8
       for (int i = 0; i < 8; i++) {
         const __m256i bytes = _mm256_cvtepu8_epi16(
             _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibbles + 128 * j + 16 * i)));
         __m256i first = _mm256_and_si256(bytes, low4), second = _mm256_srli_epi16(bytes, 4);
-        if constexpr (BASE == Q6_K) {  // the high bits to bits 4-5 of each lane
-          if (i % 2 == 0) {
-            high = _mm256_cvtepu8_epi16(_mm_loadu_si128(
-                reinterpret_cast<const __m128i*>(gb + kHighBits + 64 * j + 8 * i)));
+        if constexpr (BASE != Q4_K) {  // the high bits to bit 4 of each lane
+          if (i % C == 0) {
+            high = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+                gb + kHighBits<BASE> + 16 * (8 / C) * j + 16 * (i / C))));
           }
-          const __m256i h0 = i % 2 ? high : _mm256_slli_epi16(high, 4);
-          const __m256i h1 = i % 2 ? _mm256_srli_epi16(high, 2) : _mm256_slli_epi16(high, 2);
-          first = _mm256_or_si256(first, _mm256_and_si256(h0, bits45));
-          second = _mm256_or_si256(second, _mm256_and_si256(h1, bits45));
+          first = _mm256_or_si256(first, bits_to_4(high, 2 * W * (i % C), W));
+          second = _mm256_or_si256(second, bits_to_4(high, 2 * W * (i % C) + W, W));
         }
         int32_t pair0, pair1;  // activations (2i, 2i + 1) and (16 + 2i, 17 + 2i)
         std::memcpy(&pair0, xq + 2 * i, 4);
@@ -628,7 +644,7 @@ inline void dot_group_k_x8(const uint8_t* grp, const XBlock* x, const float* x_1
         acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(second, _mm256_set1_epi32(pair1)));
       }
       const __m256 xd = _mm256_set1_ps(xb[j].d);
-      if constexpr (BASE == Q4_K) {  // one scale and min per run
+      if constexpr (BASE != Q6_K) {  // one scale and min per run
         const __m256 sum = _mm256_cvtepi32_ps(_mm256_add_epi32(acc0, acc1));
         block = _mm256_fmadd_ps(_mm256_mul_ps(bytes8_to_floats<false>(sc + 8 * j), xd), sum,
                                 block);
@@ -646,7 +662,7 @@ inline void dot_group_k_x8(const uint8_t* grp, const XBlock* x, const float* x_1
     }
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb)));
     total = _mm256_fmadd_ps(d, block, total);
-    if constexpr (BASE == Q4_K) {
+    if constexpr (BASE != Q6_K) {
       const __m256 dmin =
           _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb + 16)));
       subtract = _mm256_fmadd_ps(dmin, block_sub, subtract);
@@ -698,8 +714,9 @@ struct LanePlace {
 template <int64_t BASE>
 constexpr LanePlace lane_place(int r, int j, int t) {
   const int second = t / 16, i = t % 16 / 2, lane = 2 * r + t % 2;
+  constexpr int W = kHighWidth<BASE>, C = kHighChunks<BASE>;
   return {kNibbles<BASE> + 128 * j + 16 * i + lane, 4 * second,
-          kHighBits + 64 * j + 16 * (i / 2) + lane, 4 * (i % 2) + 2 * second};
+          kHighBits<BASE> + 16 * (8 / C) * j + 16 * (i / C) + lane, 2 * W * (i % C) + W * second};
 }
 
 // Row n of a K-quant x8 matrix dequantized into out: each run's 32 weights gathered back, then
@@ -714,7 +731,7 @@ void dequantize_row_k_x8(const uint8_t* wp, int64_t row_bytes, int64_t n_blocks,
     const float d = half_to_float(gb + 2 * r);
     uint64_t sc = 0, mn = 0;
     float dmin = 0.f;
-    if constexpr (BASE == Q4_K) {
+    if constexpr (BASE != Q6_K) {
       dmin = half_to_float(gb + 16 + 2 * r);
       uint8_t packed[12];
       for (int k = 0; k < 12; k++) packed[k] = gb[32 + 8 * k + r];
@@ -725,11 +742,13 @@ void dequantize_row_k_x8(const uint8_t* wp, int64_t row_bytes, int64_t n_blocks,
       for (int t = 0; t < 32; t++) {
         const LanePlace p = lane_place<BASE>(r, j, t);
         int v = gb[p.nibble_byte] >> p.nibble_shift & 0x0F;
-        if constexpr (BASE == Q6_K) v |= (gb[p.high_byte] >> p.high_shift & 3) << 4;
+        if constexpr (BASE != Q4_K) {
+          v |= (gb[p.high_byte] >> p.high_shift & ((1 << kHighWidth<BASE>) - 1)) << 4;
+        }
         values[t] = static_cast<uint8_t>(v);
       }
       __m256 scales[2], biases[2];
-      if constexpr (BASE == Q4_K) {
+      if constexpr (BASE != Q6_K) {
         scales[0] = scales[1] = _mm256_set1_ps(d * static_cast<float>((sc >> 8 * j) & 0xFF));
         biases[0] = biases[1] = _mm256_set1_ps(dmin * static_cast<float>((mn >> 8 * j) & 0xFF));
       } else {  // (d * sc) * q - 32 * (d * sc), sub-blocks 2j and 2j + 1
@@ -748,9 +767,10 @@ void dequantize_row_k_x8(const uint8_t* wp, int64_t row_bytes, int64_t n_blocks,
 // Weight v (< 256) of one GGUF K-quant block, as its unsigned integer (layouts: file header).
 template <int64_t BASE>
 inline int gguf_k_value(const uint8_t* blk, int v) {
-  if constexpr (BASE == Q4_K) {
-    const int j = v / 32;
-    return blk[16 + 32 * (j / 2) + v % 32] >> 4 * (j % 2) & 0x0F;
+  if constexpr (BASE == Q4_K || BASE == Q5_K) {
+    const int j = v / 32, qs = BASE == Q4_K ? 16 : 48;
+    const int low = blk[qs + 32 * (j / 2) + v % 32] >> 4 * (j % 2) & 0x0F;
+    return BASE == Q4_K ? low : low | (blk[16 + v % 32] >> j & 1) << 4;
   } else {
     const int h = v / 128, k = v % 128 / 32, i = v % 32;
     return (blk[64 * h + 32 * (k % 2) + i] >> 4 * (k / 2) & 0x0F) |
@@ -764,7 +784,7 @@ void repack_k_block(const uint8_t* rows[8], uint8_t* out) {
   std::memset(out, 0, kGroupBlock<BASE>);
   for (int r = 0; r < 8; r++) {
     const uint8_t* blk = rows[r];
-    if constexpr (BASE == Q4_K) {
+    if constexpr (BASE != Q6_K) {
       std::memcpy(out + 2 * r, blk, 2);                // d
       std::memcpy(out + 16 + 2 * r, blk + 2, 2);       // dmin
       for (int k = 0; k < 12; k++) out[32 + 8 * k + r] = blk[4 + k];
@@ -776,7 +796,7 @@ void repack_k_block(const uint8_t* rows[8], uint8_t* out) {
       const int q = gguf_k_value<BASE>(blk, v);
       const LanePlace p = lane_place<BASE>(r, v / 32, v % 32);
       out[p.nibble_byte] |= static_cast<uint8_t>((q & 0x0F) << p.nibble_shift);
-      if constexpr (BASE == Q6_K) {
+      if constexpr (BASE != Q4_K) {
         out[p.high_byte] |= static_cast<uint8_t>((q >> 4) << p.high_shift);
       }
     }
@@ -994,6 +1014,7 @@ void qmatmul_into(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int6
     case Q4_1_X8: matmul_x8<Q4_1>(xp, M, K, wp, N, row_bytes, yp); break;
     case Q8_0_X8: matmul_x8<Q8_0>(xp, M, K, wp, N, row_bytes, yp); break;
     case Q4_K_X8: matmul_k_x8<Q4_K>(xp, M, K, wp, N, row_bytes, yp); break;
+    case Q5_K_X8: matmul_k_x8<Q5_K>(xp, M, K, wp, N, row_bytes, yp); break;
     case Q6_K_X8: matmul_k_x8<Q6_K>(xp, M, K, wp, N, row_bytes, yp); break;
     default: TORCH_CHECK(false, "qmatmul: unsupported ggml type ", type);
   }
@@ -1042,6 +1063,7 @@ void dequantize_rows_into(const uint8_t* wp, int64_t row_bytes, int64_t type, in
       case Q4_1_X8: dequantize_row_32<Q4_1, true>(wp, row_bytes, n_blocks, n, o); break;
       case Q4_K: dequantize_row_k<Q4_K>(row, n_blocks, o); break;
       case Q4_K_X8: dequantize_row_k_x8<Q4_K>(wp, row_bytes, n_blocks, n, o); break;
+      case Q5_K_X8: dequantize_row_k_x8<Q5_K>(wp, row_bytes, n_blocks, n, o); break;
       case Q6_K_X8: dequantize_row_k_x8<Q6_K>(wp, row_bytes, n_blocks, n, o); break;
       case Q5_K: dequantize_row_k<Q5_K>(row, n_blocks, o); break;
       case Q6_K: dequantize_row_k<Q6_K>(row, n_blocks, o); break;
@@ -1052,10 +1074,10 @@ void dequantize_rows_into(const uint8_t* wp, int64_t row_bytes, int64_t type, in
   }
 }
 
-// K-quant rows (N, row_bytes) of ggml `type` (Q4_K, Q6_K), N a multiple of 8 -> its x8
+// K-quant rows (N, row_bytes) of ggml `type` (Q4_K, Q5_K, Q6_K), N a multiple of 8 -> its x8
 // layout (described above dot_group_k_x8; formats.py has the same in PyTorch, ~40x slower).
 torch::Tensor repack_k(torch::Tensor raw, int64_t type) {
-  TORCH_CHECK(type == Q4_K || type == Q6_K, "repack_k: Q4_K or Q6_K, got ggml type ", type);
+  TORCH_CHECK(is_k_quant(type), "repack_k: Q4_K, Q5_K or Q6_K, got ggml type ", type);
   TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == torch::kUInt8 && raw.is_contiguous(),
               "repack_k: a contiguous 2-D uint8 tensor");
   const int64_t N = raw.size(0), row_bytes = raw.size(1), bb = block_bytes(type);
@@ -1071,6 +1093,7 @@ torch::Tensor repack_k(torch::Tensor raw, int64_t type) {
       for (int r = 0; r < 8; r++) rows[r] = src + (8 * g + r) * row_bytes + b * bb;
       uint8_t* o = dst + g * 8 * row_bytes + b * 8 * bb;
       if (type == Q4_K) repack_k_block<Q4_K>(rows, o);
+      else if (type == Q5_K) repack_k_block<Q5_K>(rows, o);
       else repack_k_block<Q6_K>(rows, o);
     }
   });
