@@ -719,13 +719,30 @@ constexpr LanePlace lane_place(int r, int j, int t) {
           kHighBits<BASE> + 16 * (8 / C) * j + 16 * (i / C) + lane, 2 * W * (i % C) + W * second};
 }
 
-// Row n of a K-quant x8 matrix dequantized into out: each run's 32 weights gathered back, then
-// dequantized as dequantize_k_block does (the same floats, bit for bit).
+// Bytes 2i + e (i < 8, e = 0, 1) of chunks i: the two bytes at p + stride * (i / per) for each
+// i, per chunks sharing them. For row r these are its lanes 2r, 2r + 1.
+inline __m128i gather_pairs(const uint8_t* p, int64_t stride, int per) {
+  alignas(16) uint16_t pairs[8];
+  for (int i = 0; i < 8; i++) std::memcpy(&pairs[i], p + stride * (i / per), 2);
+  return _mm_load_si128(reinterpret_cast<const __m128i*>(pairs));
+}
+
+// Row n of a K-quant x8 matrix dequantized into out (the pre-fill reads weights this way): each
+// run's 32 weights gathered back to the natural order, then dequantized as dequantize_k_block
+// does (the same floats, bit for bit).
 template <int64_t BASE>
 void dequantize_row_k_x8(const uint8_t* wp, int64_t row_bytes, int64_t n_blocks, int64_t n,
                          float* out) {
+  constexpr int W = kHighWidth<BASE>, C = kHighChunks<BASE>;
   const int r = static_cast<int>(n % 8);
   const uint8_t* grp = wp + (n - r) * row_bytes;
+  const __m128i low4 = _mm_set1_epi8(0x0F), width = _mm_set1_epi8((1 << W) - 1);
+  __m128i chunk_is[C];   // bytes 2i + e whose chunk i has i % C == k
+  for (int k = 0; k < C; k++) {
+    alignas(16) uint8_t sel[16];
+    for (int pos = 0; pos < 16; pos++) sel[pos] = pos / 2 % C == k ? 0xFF : 0;
+    chunk_is[k] = _mm_load_si128(reinterpret_cast<const __m128i*>(sel));
+  }
   for (int64_t b = 0; b < n_blocks; b++) {
     const uint8_t* gb = grp + b * kGroupBlock<BASE>;
     const float d = half_to_float(gb + 2 * r);
@@ -738,14 +755,18 @@ void dequantize_row_k_x8(const uint8_t* wp, int64_t row_bytes, int64_t n_blocks,
       unpack_scales_mins(packed, sc, mn);
     }
     for (int j = 0; j < 8; j++) {
-      alignas(32) uint8_t values[32];
-      for (int t = 0; t < 32; t++) {
-        const LanePlace p = lane_place<BASE>(r, j, t);
-        int v = gb[p.nibble_byte] >> p.nibble_shift & 0x0F;
-        if constexpr (BASE != Q4_K) {
-          v |= (gb[p.high_byte] >> p.high_shift & ((1 << kHighWidth<BASE>) - 1)) << 4;
+      // byte 2i + e: weight 2i + e in its low nibble, 16 + 2i + e in its high one
+      const __m128i q = gather_pairs(gb + kNibbles<BASE> + 128 * j + 2 * r, 16, 1);
+      __m128i first = _mm_and_si128(q, low4), second = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
+      if constexpr (BASE != Q4_K) {   // their high bits, at 2W (i % C) and 2W (i % C) + W
+        const __m128i h =
+            gather_pairs(gb + kHighBits<BASE> + 16 * (8 / C) * j + 2 * r, 16, C);
+        for (int k = 0; k < C; k++) {
+          const __m128i h0 = _mm_and_si128(_mm_srli_epi16(h, 2 * W * k), width);
+          const __m128i h1 = _mm_and_si128(_mm_srli_epi16(h, 2 * W * k + W), width);
+          first = _mm_or_si128(first, _mm_and_si128(_mm_slli_epi16(h0, 4), chunk_is[k]));
+          second = _mm_or_si128(second, _mm_and_si128(_mm_slli_epi16(h1, 4), chunk_is[k]));
         }
-        values[t] = static_cast<uint8_t>(v);
       }
       __m256 scales[2], biases[2];
       if constexpr (BASE != Q6_K) {
@@ -759,7 +780,7 @@ void dequantize_row_k_x8(const uint8_t* wp, int64_t row_bytes, int64_t n_blocks,
           biases[h] = _mm256_set1_ps(32.f * s);
         }
       }
-      store_run(load256(values), scales, biases, out + b * QK_K + QK * j);
+      store_run(_mm256_set_m128i(second, first), scales, biases, out + b * QK_K + QK * j);
     }
   }
 }
