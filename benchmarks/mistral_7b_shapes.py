@@ -1,7 +1,7 @@
 """Mistral 7B's exact shapes with random quantized weights: peak memory, decode and pre-fill speed.
 
     .venv/bin/python benchmarks/mistral_7b_shapes.py [--tokens 16] [--context 0] [--json]
-        [--no-fused] [--prefill 128] [--format Q4_0|Q4_1|Q8_0|Q4_K|Q6_K] [--gguf-order]
+        [--no-fused] [--prefill 128] [--format Q4_0|Q4_1|Q8_0|Q4_K|Q5_K|Q6_K] [--gguf-order]
     .venv/bin/torchrun --nproc-per-node 2 benchmarks/mistral_7b_shapes.py ...   # split in 2
 
 Under torchrun each rank builds only its share of the model (tensor_parallel.py) and rank 0
@@ -46,7 +46,8 @@ MISTRAL_7B = {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336,
 
 
 # Where each format keeps its float16 scales (and mins) in a block.
-SCALE_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}
+SCALE_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2),
+                 "Q6_K": (208,)}
 
 
 def random_blocks(fmt: str, rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
