@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 SUPPORTED_MODELS = ("llama", "gpt2")
+# What llama.cpp writes for a model file without a vocabulary: such a file runs on token ids.
+NO_VOCABULARY = ("none", "no_vocab")
 
 # How a byte-level vocabulary splits text before BPE, by `tokenizer.ggml.pre`: a split pattern,
 # or GPT-2's own split (built into `tokenizers`' ByteLevel pre-tokenizer), possibly after cutting

@@ -53,9 +53,11 @@ def random_k_blocks(rows: int, cols: int, qtype: GGMLQuantizationType, rng: np.r
 
 
 def write_gguf(model: torch.nn.Module, path: Path, qtype: GGMLQuantizationType,
-               window: int | None = None, seed: int = 0) -> torch.nn.Module:
-    """Write `model` as a GGUF whose 2-D weights have type `qtype`; returns the model with its
-    weights replaced by what the file holds (dequantized), the reference for that file."""
+               window: int | None = None, seed: int = 0,
+               strings: dict[str, str] | None = None) -> torch.nn.Module:
+    """Write `model` as a GGUF whose 2-D weights have type `qtype` (and the metadata `strings`);
+    returns the model with its weights replaced by what the file holds (dequantized), the
+    reference for that file."""
     cfg = model.config
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(str(path), "llama")
@@ -71,6 +73,8 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype: GGMLQuantizationType,
     writer.add_vocab_size(cfg.vocab_size)
     if window:
         writer.add_sliding_window(window)
+    for key, value in (strings or {}).items():
+        writer.add_string(key, value)
 
     state = model.state_dict()
     stored = {}

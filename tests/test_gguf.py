@@ -58,9 +58,12 @@ def test_each_tensor_type_matches_its_float_reference(tmp_path: Path, qtype: Q) 
     assert (packed - reference).abs().max().item() < 1e-3 * max(1.0, reference.abs().max().item())
 
 
-def test_gguf_without_tokenizer_runs_on_token_ids(tmp_path: Path) -> None:
+@pytest.mark.parametrize("vocabulary", [{}, {"tokenizer.ggml.model": "none"}],
+                         ids=["no tokenizer keys", "llama.cpp's no-vocabulary model"])
+def test_gguf_without_tokenizer_runs_on_token_ids(tmp_path: Path,
+                                                  vocabulary: dict[str, str]) -> None:
     path = tmp_path / "tiny.gguf"
-    write_gguf(small_mistral(), path, Q.Q8_0, window=W)
+    write_gguf(small_mistral(), path, Q.Q8_0, window=W, strings=vocabulary)
     llm = mistral7b.load(path)
     assert len(llm.generate([1, 2, 3], max_tokens=3, temperature=0).token_ids) == 3
     with pytest.raises(mistral7b.TokenizerError):

@@ -41,9 +41,9 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype, device: torch.device |
                             "or config.json + *.safetensors)")
         config, tensors, metadata = read_gguf(path, dequantize)
         name_map = names.GGUF
-        if "tokenizer.ggml.model" in metadata:
-            from mistral7b.tokenizer_gguf import tokenizer_from_gguf
+        from mistral7b.tokenizer_gguf import NO_VOCABULARY, tokenizer_from_gguf
 
+        if metadata.get("tokenizer.ggml.model", "none") not in NO_VOCABULARY:
             gguf_tokenizer = tokenizer_from_gguf(metadata, str(path))
             # Mistral 7B GGUFs chat in Mistral's v1 instruct format (mistral-common's encoding),
             # whatever template a converter may have stored.
