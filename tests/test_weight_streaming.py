@@ -10,6 +10,7 @@ import mmap
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +220,16 @@ def test_load_repacks_the_default_model_and_keeps_its_text(ext: object,
     a = llm.generate(prompt, max_tokens=16, temperature=0)
     b = gguf_order.generate(prompt, max_tokens=16, temperature=0)
     assert a.token_ids == b.token_ids
+
+
+def test_the_random_7b_benchmark_file_loads_repacked_and_runs_on_token_ids(
+        ext: object, tmp_path: Path) -> None:
+    """benchmarks/random_gguf.py (the file of the llama.cpp comparison at 7B shapes), --tiny."""
+    path = tmp_path / "random.gguf"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "random_gguf.py"
+    subprocess.run([sys.executable, str(script), str(path), "--tiny"], check=True,
+                   capture_output=True, timeout=300)
+    llm = mistral7b.load(path, progress=False)
+    fmts = {m.fmt for m in llm.model.modules() if isinstance(m, QuantLinear)}
+    assert fmts == {"Q4_Kx8", "Q6_Kx8"}
+    assert len(llm.generate([1, 2, 3], max_tokens=3, temperature=0).token_ids) == 3
