@@ -41,13 +41,12 @@ from mistral7b.quant.repack import repack_linears
 from mistral7b.tensor_parallel import local_config, world_from_env
 from mistral7b.tokenizer import MissingTokenizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernels import SCALE_OFFSETS  # benchmarks/kernels.py: where each format's scales lie
+
 MISTRAL_7B = {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32,
               "n_kv_heads": 8, "norm_eps": 1e-05, "sliding_window": 4096, "vocab_size": 32000}
-
-
-# Where each format keeps its float16 scales (and mins) in a block.
-SCALE_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2),
-                 "Q6_K": (208,)}
 
 
 def random_blocks(fmt: str, rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:

@@ -35,13 +35,13 @@ def repack_linears(model: nn.Module) -> int:
                   if isinstance(m, QuantLinear) and m.fmt in REPACKED
                   and m.out_features % 8 == 0 and m.weight.device.type == "cpu"]
     # Checked in this order so that a float model never builds the kernels.
-    ext = None
     if (not candidates or os.environ.get("MISTRAL7B_REPACK") == "0"
             or (ext := kernels.extension()) is None):
         return 0
     for module in candidates:
-        if module.fmt in ("Q4_K", "Q5_K", "Q6_K"):  # formats.repack's bytes, in C++: ~40x faster
-            module.weight = ext.repack_k(module.weight.contiguous(), FORMATS[module.fmt].ggml_type)
+        spec = FORMATS[module.fmt]
+        if spec.block_size == 256:   # the K-quants: formats.repack's bytes, in C++ (~40x faster)
+            module.weight = ext.repack_k(module.weight.contiguous(), spec.ggml_type)
         else:
             module.weight = repack(module.weight, module.fmt)
         module.fmt = REPACKED[module.fmt]

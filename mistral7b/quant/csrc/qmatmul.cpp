@@ -446,11 +446,8 @@ inline void dot_group_x8(const uint8_t* grp, const XBlock* x, int64_t n_blocks, 
   for (int t = 0; t < MT; t++) acc[t] = extra[t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < n_blocks; b++) {
     const uint8_t* gb = grp + b * 8 * BB;
-    if (distance > 0) {   // a few lines a block, `distance` ahead: a steady stream, no bursts
-      for (int64_t off = 0; off < 8 * BB; off += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(gb + distance + off), _MM_HINT_T0);
-      }
-    }
+    // a few lines a block, `distance` ahead: a steady stream, no bursts
+    if (distance > 0) prefetch_lines(gb + distance, 8 * BB);
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb)));
     __m256i p[MT][8];
     for (int r = 0; r < 8; r++) {
@@ -611,11 +608,7 @@ inline void dot_group_k_x8(const uint8_t* grp, const XBlock* x, const float* x_1
   alignas(32) uint8_t sc[64], mn[64];
   for (int64_t b = 0; b < n_blocks; b++) {
     const uint8_t* gb = grp + b * GB;
-    if (distance > 0) {
-      for (int64_t off = 0; off < GB; off += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(gb + distance + off), _MM_HINT_T0);
-      }
-    }
+    if (distance > 0) prefetch_lines(gb + distance, GB);   // a block's lines, distance ahead
     if constexpr (BASE != Q6_K) unpack_scales_x8(gb + 32, sc, mn);
     const XBlock* xb = x + 8 * b;
     const uint8_t* nibbles = gb + kNibbles<BASE>;
@@ -706,7 +699,7 @@ void matmul_k_x8(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64
 }
 
 // Where weight t (< 32) of run j of row r of a K-quant x8 block lives: its chunk's byte (the
-// nibble) and which nibble, and (Q6_K) its high bits' byte and shift.
+// nibble) and which nibble, and (Q5_K, Q6_K) its high bits' byte and shift.
 struct LanePlace {
   int64_t nibble_byte, nibble_shift, high_byte, high_shift;
 };
