@@ -119,6 +119,28 @@ def test_k_blocks_at_the_integer_limits(path: str, fmt: str) -> None:
     assert torch.equal(kernels.dequantize_rows(torch.from_numpy(raw), fmt), weight)
 
 
+def test_activations_quantize_as_the_reference_rounding() -> None:
+    """The integer kernels see each run of 32 activations as q = round_half_even(x / d),
+    d = max |x| / 32767 (float32 arithmetic, x times 1 / d): bit for bit, ties included."""
+    ext = kernels.extension()
+    if ext is None:
+        pytest.skip("the AVX2 extension is not available on this machine")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 256, generator=g) * torch.logspace(-3, 3, 256)
+    x[1, :32] = 0.0                                                 # an all-zero run
+    ties = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 32767.0])
+    x[2, 32:64] = torch.cat([ties, torch.zeros(24)])                # d = 1: exact halves
+    q, d, s = ext.quantize_activations(x)
+    runs = x.view(3, -1, 32)
+    d_ref = runs.abs().amax(-1) / 32767
+    inv = torch.where(d_ref > 0, 1 / d_ref, torch.zeros(()))
+    q_ref = torch.round(runs * inv[..., None]).to(torch.int16)       # round half to even
+    assert torch.equal(d, d_ref)
+    assert torch.equal(q, q_ref.view(3, -1))
+    assert torch.equal(s, d_ref * q_ref.sum(-1, dtype=torch.int32).float())
+    assert q[2, 32:40].tolist() == [0, 2, 2, 0, -2, -2, 4, 32767]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_each_row_gets_the_same_bits_whatever_the_batch(fmt: str) -> None:
     """A sequence's numbers must not depend on which others share its batch: the server's

@@ -2,6 +2,8 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "x @ dequantize(w).T with 16-bit activations (AVX2)");
+  m.def("quantize_activations", &quantize_activations,
+        "the 16-bit activation runs (q, d, d * sum(q)) the integer kernels multiply");
   m.def("prefill_matmul", &prefill_matmul,
         "x @ dequantize(w).T in float32, dequantizing a few rows at a time (pre-fill)");
   m.def("dequantize", &dequantize,

@@ -17,6 +17,14 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The sum of the 8 int32 of v.
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x01));
+  return _mm_cvtsi128_si32(s);
+}
+
 // How far ahead of the weight row being read the matmuls prefetch, in bytes (0 = off). The
 // default was measured with benchmarks/kernels.py (see BENCHMARKS.md).
 constexpr int64_t kDefaultPrefetchBytes = 4096;
@@ -47,6 +55,10 @@ torch::Tensor matmul_tensor(torch::Tensor x, torch::Tensor w, int64_t type, cons
                             MatmulInto into);
 
 torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t type);
+
+// The integer kernels' view of activations x (M, K): each run of 32 values as int16 q
+// (M, K), scale d and d * sum(q) (M, K / 32) (for tests).
+std::vector<torch::Tensor> quantize_activations(torch::Tensor x);
 
 // prefill.cpp: y (M, N) = x (M, K) @ dequantize(w).T in float32, for many rows of x.
 void prefill_matmul_into(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,

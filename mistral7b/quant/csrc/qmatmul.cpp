@@ -154,19 +154,33 @@ inline __m256i load256(const void* p) {
 }
 
 // Quantizes 32 values to int16 at q[slot(i)]; returns the scale, and the sums of the integers
-// of values 0-15 and 16-31.
+// of values 0-15 and 16-31. q = round-to-nearest-even(v / d), d = max |v| / 32767: the
+// conversion rounds in the default MXCSR mode, as std::nearbyint does (the scalar loop this
+// replaced took ~100 ns a run, ~5% of a default-model decode step).
 template <bool UNPACK_ORDER>
 inline float quantize_run(const float* v, int16_t* q, int32_t sums[2]) {
-  float amax = 0.f;
-  for (int i = 0; i < QK; i++) amax = std::max(amax, std::fabs(v[i]));
-  const float d = amax / 32767.f;
-  const float id = d > 0.f ? 1.f / d : 0.f;
-  sums[0] = sums[1] = 0;
-  for (int i = 0; i < QK; i++) {
-    const int qi = static_cast<int>(std::nearbyint(v[i] * id));
-    q[UNPACK_ORDER ? kUnpackSlot(i) : i] = static_cast<int16_t>(qi);
-    sums[i / 16] += qi;
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 x[4], amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; i++) {
+    x[i] = _mm256_loadu_ps(v + 8 * i);
+    amax = _mm256_max_ps(_mm256_and_ps(x[i], abs_mask), amax);   // a NaN value is skipped
   }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float d = _mm_cvtss_f32(m4) / 32767.f;
+  const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  __m256i n[4];
+  for (int i = 0; i < 4; i++) n[i] = _mm256_cvtps_epi32(_mm256_mul_ps(x[i], id));
+  sums[0] = hsum_i32(_mm256_add_epi32(n[0], n[1]));
+  sums[1] = hsum_i32(_mm256_add_epi32(n[2], n[3]));
+  // packs interleaves 128-bit halves: packs(a, b) = a0-3 b0-3 a4-7 b4-7; 0xD8 restores order.
+  // Natural order packs values 0-7 with 8-15; the unpack order 0-7 with 16-23 (kUnpackSlot).
+  const int i1 = UNPACK_ORDER ? 2 : 1, i2 = UNPACK_ORDER ? 1 : 2;
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permute4x64_epi64(_mm256_packs_epi32(n[0], n[i1]), 0xD8));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16),
+                      _mm256_permute4x64_epi64(_mm256_packs_epi32(n[i2], n[3]), 0xD8));
   return d;
 }
 
@@ -1060,6 +1074,25 @@ torch::Tensor matmul_tensor(torch::Tensor x, torch::Tensor w, int64_t type, cons
 
 torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t type) {
   return matmul_tensor(x, w, type, "qmatmul", qmatmul_into);
+}
+
+std::vector<torch::Tensor> quantize_activations(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) % QK == 0,
+              "quantize_activations: x must be float32 (M, K) with K a multiple of ", QK);
+  x = x.contiguous();
+  const int64_t M = x.size(0), n_blocks = x.size(1) / QK;
+  std::vector<XBlock> blocks(M * n_blocks);
+  for (int64_t m = 0; m < M; m++) {
+    quantize_row(x.data_ptr<float>() + m * x.size(1), blocks.data() + m * n_blocks, n_blocks);
+  }
+  auto q = torch::empty({M, n_blocks * QK}, torch::kInt16);
+  auto d = torch::empty({M, n_blocks}, torch::kFloat32), s = torch::empty_like(d);
+  for (int64_t i = 0; i < M * n_blocks; i++) {
+    std::copy(blocks[i].q, blocks[i].q + QK, q.data_ptr<int16_t>() + i * QK);
+    d.data_ptr<float>()[i] = blocks[i].d;
+    s.data_ptr<float>()[i] = blocks[i].s;
+  }
+  return {q, d, s};
 }
 
 void dequantize_rows_into(const uint8_t* wp, int64_t row_bytes, int64_t type, int64_t K,
