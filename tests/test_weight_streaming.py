@@ -128,6 +128,24 @@ def test_repacking_is_a_permutation_of_the_bytes(fmt: str) -> None:
     assert torch.equal(dequantize(packed, fmt), reference)        # the portable path
 
 
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1"])
+def test_4_bit_repacking_puts_each_weight_in_its_rows_lanes(fmt: str) -> None:
+    """Q4_0x8/Q4_1x8 nibbles: chunk i's byte 2r + e is row r's GGUF byte 2i + e, whose low
+    nibble is weight 2i + e and high nibble weight 16 + 2i + e; the f16 fields row by row."""
+    bb = FORMATS_BY_NAME[fmt].block_bytes
+    head = 4 if fmt == "Q4_1" else 2                   # bytes of d (and m) in a GGUF block
+    raw, _ = packed_weight(fmt, 16, 96, seed=4)
+    groups = repack.repack(raw, fmt).reshape(2, 3, 8 * bb)   # (group, block, 8 rows' bytes)
+    for row, block, v in [(0, 0, 0), (3, 1, 17), (7, 2, 31), (10, 2, 14), (15, 0, 1)]:
+        g, r, i, e = row // 8, row % 8, v % 16 // 2, v % 2
+        byte = int(groups[g, block, 8 * head + 16 * i + 2 * r + e])
+        gguf = int(raw[row, bb * block + head + v % 16])     # weight v: byte v % 16, nibble v // 16
+        assert byte >> 4 * (v // 16) & 0x0F == gguf >> 4 * (v // 16) & 0x0F, (row, v)
+        for f in range(head // 2):                     # d, then m: f16 per row
+            assert torch.equal(groups[g, block, 16 * f + 2 * r:16 * f + 2 * r + 2],
+                               raw[row, bb * block + 2 * f:bb * block + 2 * f + 2])
+
+
 def gguf_k_value(block: torch.Tensor, fmt: str, v: int) -> int:
     """Weight v of one GGUF K-quant block as its unsigned integer, read as the gguf package's
     dequantize does."""
