@@ -162,17 +162,20 @@ class BatchSampler:
             else:                                     # greedy rows: the argmax
                 tokens = greedy_ids(processed).index_put((where,), picks)
 
-        # Everything the host needs in one tensor, one copy: ids, then logprobs when asked.
-        columns = [tokens.double()[:, None]]
+        # Everything the host needs in one tensor, one copy: ids, then logprobs when asked
+        # (as float64, which holds both exactly); without logprobs the ids alone, as they are.
         n_top = min(max(p.top_logprobs for p in params), V)
         if any(p.logprobs or p.top_logprobs for p in params):
             logprobs = torch.log_softmax(raw, dim=-1)
-            columns.append(logprobs.gather(1, tokens[:, None]).double())
+            columns = [tokens.double()[:, None], logprobs.gather(1, tokens[:, None]).double()]
             if n_top:
                 values, ids = torch.topk(logprobs, n_top, dim=-1)
                 columns += [values.double(), ids.double()]
+            table = torch.cat(columns, dim=1)
+        else:
+            table = tokens[:, None]
         self._record(rows, params, tokens)
-        return PendingSample(tokens, HostCopy(torch.cat(columns, dim=1)), params, n_top)
+        return PendingSample(tokens, HostCopy(table), params, n_top)
 
     # ---- the steps -------------------------------------------------------------------------
 
