@@ -439,9 +439,10 @@ inline void dot_rows(const uint8_t* row, const XBlock* x, int64_t n_blocks, floa
 // low nibbles, 16 + 2i + e in the high ones). Widened to 16 bits, row r's pair of weights lies
 // in lanes 2r, 2r + 1, and one madd against the broadcast pair of activations leaves each row's
 // partial sum in its own 32-bit lane: 8 chunks a block, no horizontal reduction. Q8_0 keeps a
-// row's weights together and reduces the eight rows' products with hadd (reduce8); with the
-// rows in lanes the 4-bit kernel runs ~20% fewer instructions (hot: 24 -> 28 GB/s, two Zen 3
-// cores, 4096 x 4096) and streams 5-13% faster from memory.
+// row's weights together and reduces the eight rows' products with hadd (reduce8). With the
+// rows in lanes the 4-bit kernel runs ~20% fewer instructions: on two Zen 3 cores it computes
+// 11-16% faster from cache, and 22% faster from memory with four activation rows (batched
+// decode); with one it was already as fast as memory, and stays so (BENCHMARKS.md).
 //
 // Each activation row is computed alone, in the same order whatever M is, so batching still
 // changes no output. The integer sum of a block is exact, whichever way it is added up; as a
