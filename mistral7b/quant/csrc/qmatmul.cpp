@@ -103,6 +103,10 @@ template <int64_t T>
 constexpr int64_t kBlockBytes = T == Q8_0 ? 34 : T == Q4_0 ? 18 : T == Q4_1 ? 20
                               : T == Q4_K ? 144 : T == Q5_K ? 176 : 210;
 
+// Bytes of the eight rows' scales (and Q4_1's mins) before the weights of a 32-value x8 block.
+template <int64_t T>
+constexpr int64_t kX8Head = T == Q4_1 ? 32 : 16;
+
 bool is_k_quant(int64_t type) { return type == Q4_K || type == Q5_K || type == Q6_K; }
 
 int64_t block_bytes(int64_t type) {
@@ -471,7 +475,7 @@ template <int64_t BASE, int MT>
 inline void dot_group_x8(const uint8_t* grp, const XBlock* x, int64_t n_blocks, float* out,
                          int64_t distance) {
   constexpr int64_t BB = kBlockBytes<BASE>;
-  constexpr int64_t HEAD = BASE == Q4_1 ? 32 : 16;    // bytes of scales (and mins) per block
+  constexpr int64_t HEAD = kX8Head<BASE>;
   constexpr int64_t QB = BASE == Q8_0 ? 32 : 16;      // bytes of weights per row per block
   __m256 acc[MT], extra[MT];
   for (int t = 0; t < MT; t++) acc[t] = extra[t] = _mm256_setzero_ps();
@@ -953,11 +957,12 @@ void dequantize_row_32(const uint8_t* wp, int64_t row_bytes, int64_t n_blocks, i
     const uint8_t* blk = X8 ? base + b * 8 * BB : base + b * BB;
     const uint8_t* scale = X8 ? blk + 2 * r : blk;
     const uint8_t* min = X8 ? blk + 16 + 2 * r : blk + 2;
-    const uint8_t* q = X8 ? blk + (BASE == Q4_1 ? 32 : 16) + r * QB : blk + BB - QB;
+    const uint8_t* q = X8 ? blk + kX8Head<BASE> : blk + BB - QB;
     alignas(16) uint8_t gathered[16];    // an x8 4-bit row's bytes from the 8 chunks' lanes
-    if constexpr (X8 && BASE != Q8_0) {
-      const __m128i bytes = gather_pairs(blk + (BASE == Q4_1 ? 32 : 16) + 2 * r, 16, 1);
-      _mm_store_si128(reinterpret_cast<__m128i*>(gathered), bytes);
+    if constexpr (X8 && BASE == Q8_0) {
+      q += r * QB;
+    } else if constexpr (X8) {
+      _mm_store_si128(reinterpret_cast<__m128i*>(gathered), gather_pairs(q + 2 * r, 16, 1));
       q = gathered;
     }
     const float d = half_to_float(scale);
