@@ -17,6 +17,8 @@ as a Hugging Face directory, with transformers itself, then measures in one run:
 - the decode step's Triton kernels (gpu_decode.py) against the plain layers: the largest logit
   difference over 32 teacher-forced steps in bfloat16, and the same speeds with the plain layers
   (`model.fused_decode = False`), in the same run;
+- batch 1 with its projections through cuBLAS instead of the Triton GEMV (`decode_b1_cublas_gemv`,
+  `step_breakdown_cublas_gemv`), in the same run;
 - decode at 1 and 16 streams with sampling (temperature, top-k, top-p, min-p and the three
   penalties, on the device), against greedy;
 - the calls that make the host wait for the device while the engine decodes (there should be
@@ -383,6 +385,17 @@ def plain_layers(llm: mistral7b.LLM, fn: Callable[[], Any]) -> Any:
         llm.model.fused_decode = True
 
 
+def cublas_gemv(fn: Callable[[], Any]) -> Any:
+    """fn() with the batch-1 projections through cuBLAS instead of gpu_kernels.gemv."""
+    from mistral7b import gpu_decode
+
+    gpu_decode.TRITON_GEMV = False
+    try:
+        return fn()
+    finally:
+        gpu_decode.TRITON_GEMV = True
+
+
 def host_syncs(llm: mistral7b.LLM, prompt_len: int, new: int = 32, sampled: bool = False
                ) -> dict[str, Any]:
     """Calls that make the host wait for the device while two streams decode through the engine
@@ -506,6 +519,8 @@ def main() -> None:
     section(results, out, "step_breakdown", lambda: step_breakdown(llm, prompt_len))
     section(results, out, "step_breakdown_plain_layers", lambda: plain_layers(
         llm, lambda: step_breakdown(llm, prompt_len)))
+    section(results, out, "step_breakdown_cublas_gemv", lambda: cublas_gemv(
+        lambda: step_breakdown(llm, prompt_len)))
     section(results, out, "host_syncs", lambda: host_syncs(llm, prompt_len))
     section(results, out, "host_syncs_sampled", lambda: host_syncs(llm, prompt_len,
                                                                    sampled=True))
@@ -517,6 +532,9 @@ def main() -> None:
     for b in [b for b in streams if b <= 16]:
         section(results, out, f"decode_b{b}_sampled", lambda b=b: time_engine(
             llm, b, prompt_len, new, static=True, sampled=True))
+    if 1 in streams:
+        section(results, out, "decode_b1_cublas_gemv", lambda: cublas_gemv(
+            lambda: time_engine(llm, 1, prompt_len, new, static=True)))
     for b in [b for b in streams if b <= 16]:
         section(results, out, f"decode_b{b}_plain_layers", lambda b=b: plain_layers(
             llm, lambda: time_engine(llm, b, prompt_len, new, static=True)))
@@ -556,6 +574,7 @@ def summarise(results: dict[str, Any], streams: list[int]) -> None:
         entry = results.get(f"decode_b{b}") or {}
         rows.append((f"decode {b} streams (tok/s)", entry.get("decode_tok_s")))
     for suffix, label in (("compiled", "compiled"), ("sampled", "sampled"),
+                          ("cublas_gemv", "cuBLAS GEMV"),
                           ("plain_layers", "plain layers")):
         for b in streams:
             entry = results.get(f"decode_b{b}_{suffix}") or {}

@@ -14,6 +14,9 @@ CUDA graph. Here each layer is the four matmuls plus:
                   buffer's slots are split among programs so that a few rows still fill the GPU,
                   and a second small kernel merges the splits (flash-decoding)
     silu_mul      silu(gate) * up from the fused w1/w3 projection
+    gemv          at batch 1, the four projections themselves: each program reduces a few
+                  weight rows over K, in float32, with no split-K reduction kernel after it
+                  (cuBLAS's batch-1 kernels split K for wo and w2 and add a reduction kernel)
 
 Each kernel rounds where the plain layers round (the residual sum, the normalised vector before
 the weight, RoPE's output, silu's output), so outputs match them to a few units in the last
@@ -43,6 +46,14 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 BLOCK_N = 64            # cache slots per attention block
 TARGET_PROGRAMS = 128   # attention programs to aim for (an H100 has 132 multiprocessors)
 DEVICE_TYPES = ("cuda",)  # tests add "cpu", where Triton's interpreter runs the kernels
+TRITON_GEMV = True      # batch-1 projections through gpu_kernels.gemv (False: cuBLAS)
+
+
+def gemv_config(n: int, k: int) -> tuple[int, int, int]:
+    """(rows per program, K slice, warps) for gpu_kernels.gemv on an (n, k) weight. Chosen from
+    benchmarks/gpu_gemv.py's sweep on an H200 (weights read from memory): two rows per program
+    and 1024-wide slices came within 1-3% of each shape's best; a long K wants more warps."""
+    return 2, 1024 if k >= 1024 else max(16, 1 << (k - 1).bit_length()), 4 if k <= 8192 else 8
 
 
 def available() -> bool:
@@ -100,19 +111,27 @@ def decode_layers(model: Transformer, h: torch.Tensor, cache: RollingCache, step
     normed, _ = k.rms_norm(x, layers[0].attention_norm.weight, cfg.norm_eps)
     for i, layer in enumerate(layers):
         attn, ffn = layer.attention, layer.feed_forward
-        qkv = attn.wqkv(normed)                                          # type: ignore[misc]
+        qkv = project(k, normed, attn.wqkv)
         q = k.rope_store(qkv, rope, cache.k[i], cache.v[i], step.write_row, step.write_slot,
                          cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
         out = k.attention(q, cache.k[i, rows], cache.v[i, rows], positions, step.n_slots,
                           cache.window)
-        normed, x = k.rms_norm(attn.wo(out), layer.ffn_norm.weight, cfg.norm_eps, residual=x)
-        down = ffn.w2(k.silu_mul(ffn.w13(normed)))                       # type: ignore[misc]
+        normed, x = k.rms_norm(project(k, out, attn.wo), layer.ffn_norm.weight, cfg.norm_eps,
+                               residual=x)
+        down = project(k, k.silu_mul(project(k, normed, ffn.w13)), ffn.w2)
         if i + 1 < len(layers):
             normed, x = k.rms_norm(down, layers[i + 1].attention_norm.weight, cfg.norm_eps,
                                    residual=x)
         else:
             x = x + down
     return x[:, None]
+
+
+def project(k: Any, x: torch.Tensor, linear: Any) -> torch.Tensor:
+    """linear(x) for x (B, K): one row through the Triton GEMV, more through cuBLAS."""
+    if TRITON_GEMV and x.shape[0] == 1:
+        return k.gemv(x, linear.weight)
+    return linear(x)
 
 
 def attention_splits(rows: int, kv_heads: int, slots: int) -> tuple[int, int]:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mistral7b.gpu_decode import BLOCK_N, attention_splits
+from mistral7b.gpu_decode import BLOCK_N, attention_splits, gemv_config
 
 
 @triton.jit
@@ -221,3 +221,35 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = 1024
     _silu_mul_kernel[(B, triton.cdiv(F, block))](gate_up, out, F, BLOCK=block, num_warps=4)
     return out
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[n] = sum_k w[n, k] * x[k] for this program's BLOCK_N rows: float32 partial sums over
+    BLOCK_K-wide slices, reduced and rounded to y's dtype once at the end. Each weight is read
+    once, so the loads ask the cache to evict them first."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        cols = k + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor,
+         config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x (1, K) @ weight (N, K).T -> (1, N), as F.linear for one row. config: (rows per
+    program, K slice, warps); default gemv_config's choice for the shape."""
+    N, K = weight.shape
+    assert x.shape == (1, K) and x.is_contiguous() and weight.is_contiguous()
+    block_n, block_k, warps = config or gemv_config(N, K)
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(N, block_n),)](x, weight, y, N, K, BLOCK_N=block_n,
+                                             BLOCK_K=block_k, num_warps=warps)
+    return y

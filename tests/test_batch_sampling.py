@@ -25,6 +25,9 @@ CASES = [
     SamplingParams(temperature=0.5, repetition_penalty=0.8, logit_bias={9: 2.0}, seed=7,
                    top_logprobs=2),
 ]
+# The sampler runs on the logits' device; the CUDA cases need a GPU and are skipped without one.
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")])]
 
 
 def step_logits(step: int, rows: int) -> torch.Tensor:
@@ -33,14 +36,17 @@ def step_logits(step: int, rows: int) -> torch.Tensor:
     return torch.randn(rows, V, generator=g) * 4
 
 
-def test_every_rule_matches_the_per_sequence_reference() -> None:
-    batch = BatchSampler(len(CASES), V)
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_rule_matches_the_per_sequence_reference(device: str) -> None:
+    """The batch on `device` against the reference on the CPU: a seeded row draws the same
+    uniform numbers on every device."""
+    batch = BatchSampler(len(CASES), V, device)
     reference = [Sampler(p, PROMPT) for p in CASES]
     for row, p in enumerate(CASES):
         batch.start(row, p, PROMPT)
     for step in range(40):
         logits = step_logits(step, len(CASES))
-        got = batch.sample(range(len(CASES)), logits)
+        got = batch.sample(range(len(CASES)), logits.to(device))
         for row, ref in enumerate(reference):
             want = ref.sample(logits[row])
             assert got[row].token_id == want.token_id, (row, step)
@@ -49,7 +55,8 @@ def test_every_rule_matches_the_per_sequence_reference() -> None:
                 assert [t for t, _ in got[row].top_logprobs] == [t for t, _ in want.top_logprobs]
 
 
-def test_a_seeded_row_draws_the_same_tokens_in_any_batch() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_seeded_row_draws_the_same_tokens_in_any_batch(device: str) -> None:
     """Row 0's tokens when alone, and when rows come and go beside it (with and without
     top-p rows, which make the batch sort)."""
     params = SamplingParams(temperature=1.0, min_p=0.01, seed=11)
@@ -57,13 +64,13 @@ def test_a_seeded_row_draws_the_same_tokens_in_any_batch() -> None:
               SamplingParams(temperature=1.1, repetition_penalty=1.2, top_k=3)]
 
     def tokens(company: list[list[int]]) -> list[int]:
-        sampler = BatchSampler(4, V)
+        sampler = BatchSampler(4, V, device)
         sampler.start(0, params, PROMPT)
         for row, p in enumerate(others, start=1):
             sampler.start(row, p, PROMPT)
         out = []
         for step, rows in enumerate(company):
-            logits = step_logits(step, 4)
+            logits = step_logits(step, 4).to(device)
             out.append(sampler.sample([0, *rows], logits[[0, *rows]])[0].token_id)
         return out
 
@@ -73,20 +80,21 @@ def test_a_seeded_row_draws_the_same_tokens_in_any_batch() -> None:
     assert alone == crowded == reversed_order
 
 
-def test_filter_masks_equal_the_reference_rules() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_filter_masks_equal_the_reference_rules(device: str) -> None:
     logits = step_logits(0, 5)
     logits[1, :10] = logits[1, 10]          # ties at the k-th value: lower ids win
     ks, ps = [0, 7, 50, 1, 300], [1.0, 0.8, 0.95, 0.3, 0.5]
-    keep = _top_k_top_p(logits, ks, ps)
+    keep = _top_k_top_p(logits.to(device), ks, ps).cpu()
     for row in range(5):
         want = apply_top_p(apply_top_k(logits[row], ks[row]), ps[row]) > float("-inf")
         assert torch.equal(keep[row], want), row
-    sampler = BatchSampler(1, V)
+    sampler = BatchSampler(1, V, device)
     p = SamplingParams(temperature=1.0, min_p=0.2, seed=0)
     sampler.start(0, p, [])
     allowed = apply_min_p(logits[2], 0.2) > float("-inf")
     for _ in range(50):                     # every draw lands among the ids min-p keeps
-        assert allowed[sampler.sample([0], logits[2:3])[0].token_id]
+        assert allowed[sampler.sample([0], logits[2:3].to(device))[0].token_id]
 
 
 def test_sampling_a_row_that_was_never_started_is_an_error() -> None:
@@ -94,8 +102,9 @@ def test_sampling_a_row_that_was_never_started_is_an_error() -> None:
         BatchSampler(2, V).sample([1], step_logits(0, 1))
 
 
-def test_candidates_and_the_full_sort_keep_the_same_ids(monkeypatch: pytest.MonkeyPatch
-                                                         ) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_candidates_and_the_full_sort_keep_the_same_ids(monkeypatch: pytest.MonkeyPatch,
+                                                         device: str) -> None:
     """On the CPU each row sorts only its candidates; alone, together, and with the whole
     vocabulary sorted instead, each row keeps the same ids as the reference. Ties (bfloat16
     logits have many), a row where every logit ties, rows whose nucleus needs more than the first
@@ -107,14 +116,15 @@ def test_candidates_and_the_full_sort_keep_the_same_ids(monkeypatch: pytest.Monk
     logits[6] = torch.linspace(0.0, 10.0, V)        # 64 candidates are not enough
     logits[7, ::2] = float("-inf")
     ks, ps = [5, 40, 1, 0, 100, 0, 0, 3], [0.9, 0.5, 1.0, 0.7, 0.95, 0.6, 0.99, 0.8]
-    mixed = _top_k_top_p(logits, ks, ps)
+    on = logits.to(device)                          # a GPU always sorts the whole vocabulary
+    mixed = _top_k_top_p(on, ks, ps).cpu()
     for row in range(len(ks)):
-        alone = _top_k_top_p(logits[row:row + 1], ks[row:row + 1], ps[row:row + 1])
+        alone = _top_k_top_p(on[row:row + 1], ks[row:row + 1], ps[row:row + 1]).cpu()
         assert torch.equal(mixed[row:row + 1], alone), row
         want = apply_top_p(apply_top_k(logits[row], ks[row]), ps[row]) > float("-inf")
         assert torch.equal(mixed[row], want), row
     monkeypatch.setattr(batch_sampling, "TOPK_CANDIDATES", False)
-    assert torch.equal(_top_k_top_p(logits, ks, ps), mixed)
+    assert torch.equal(_top_k_top_p(on, ks, ps).cpu(), mixed)
 
 
 def test_candidates_grow_until_they_hold_the_nucleus(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -120,6 +120,26 @@ def test_decode_attention_over_the_rolling_buffer(rows: int, window: int | None,
         torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,config", [((37, 100), (4, 32, 4)),   # ragged rows and K slices
+                                          ((64, 160), None),         # gemv_config's choice
+                                          ((3, 2048), (2, 1024, 4))])
+def test_gemv_is_one_row_of_f_linear(dtype: torch.dtype, shape: tuple[int, int],
+                                     config: tuple[int, int, int] | None) -> None:
+    torch.manual_seed(2)
+    w, x = randn(*shape, dtype=dtype), randn(1, shape[1], dtype=dtype)
+    got = gpu_kernels.gemv(x, w, config)
+    assert got.shape == (1, shape[0]) and got.dtype == dtype
+    close(got, x.double() @ w.double().T)
+
+
+def test_gemv_config_slices_k_in_powers_of_two() -> None:
+    assert gpu_decode.gemv_config(4096, 4096) == (2, 1024, 4)
+    assert gpu_decode.gemv_config(4096, 14336) == (2, 1024, 8)
+    assert gpu_decode.gemv_config(64, 160) == (2, 256, 4)
+    assert gpu_decode.gemv_config(8, 10) == (2, 16, 4)
+
+
 def test_attention_splits_fill_the_gpu_in_whole_blocks() -> None:
     assert gpu_decode.attention_splits(1, 8, 256) == (4, 64)
     assert gpu_decode.attention_splits(16, 8, 256) == (1, 256)
@@ -158,3 +178,36 @@ def test_decode_layers_follow_the_plain_layers_past_the_window(
         top = b.topk(2, dim=-1).values
         clear = (top[:, 0] - top[:, 1]) > 1e-2
         assert torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear]), i
+
+
+def test_one_row_steps_use_the_gemv_and_follow_the_plain_layers(
+        half_llm: mistral7b.LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At batch 1 the projections go through gpu_kernels.gemv (four per layer), and the logits
+    stay within float16 rounding of the plain layers' past the window's wrap."""
+    from mistral7b.cache import RollingCache
+    from mistral7b.generate import decode_step, prefill
+    from tests.conftest import PROMPTS
+
+    def run(fused: bool, forced: list[int] | None = None) -> tuple[list[int], list[torch.Tensor]]:
+        half_llm.model.fused_decode = fused
+        cache = RollingCache(half_llm.model.config, rows=1, dtype=HALF, device=DEVICE,
+                             initial_slots=4)
+        token = prefill(half_llm.model, cache, [0], PROMPTS[:1], 8).argmax(-1).tolist()
+        history, logits = [], []
+        for i in range(STEPS):
+            step = decode_step(half_llm.model, cache, [0], token)
+            logits.append(step.cpu())
+            history += step.argmax(-1).tolist()
+            token = [forced[i]] if forced is not None else step.argmax(-1).tolist()
+        return history, logits
+
+    plain_tokens, plain_logits = run(fused=False)
+    calls = []
+    real = gpu_kernels.gemv
+    monkeypatch.setattr(gpu_kernels, "gemv", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(gpu_decode, "DEVICE_TYPES", ("cuda", "cpu"))
+    _, fused_logits = run(fused=True, forced=plain_tokens)
+    half_llm.model.fused_decode = True
+    assert len(calls) == 4 * len(half_llm.model.layers) * STEPS
+    for i, (a, b) in enumerate(zip(fused_logits, plain_logits, strict=True)):
+        assert (a - b).abs().max().item() < 5e-3, i

@@ -34,9 +34,12 @@ def assert_same(a: tuple[list[list[int]], list[torch.Tensor]],
     assert worst <= atol, worst
 
 
-def test_eager_static_step_equals_the_plain_step_bit_for_bit(llm: mistral7b.LLM) -> None:
+def test_eager_static_step_equals_the_plain_step(llm: mistral7b.LLM) -> None:
+    """Same tokens, logits equal but for float32 rounding: the static step pads rows to a bucket,
+    and a float BLAS may sum a row in another order for another batch size (bit-identical on 2
+    threads; 1.8e-7 apart on a 16-core machine with torch 2.11)."""
     assert_same(greedy_run(llm.model, "cpu", None),
-                greedy_run(llm.model, "cpu", {"cuda_graphs": False}), atol=0.0)
+                greedy_run(llm.model, "cpu", {"cuda_graphs": False}), atol=1e-5)
 
 
 def test_compiled_step_gives_the_same_greedy_tokens(llm: mistral7b.LLM) -> None:
