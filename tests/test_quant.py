@@ -277,3 +277,55 @@ def test_bfloat16_prefill_stays_close_to_the_float_path(both) -> None:
 def test_prefill_dtype_must_be_float32_or_bfloat16() -> None:
     with pytest.raises(InvalidArgumentError, match="prefill_dtype"):
         mistral7b.load(prefill_dtype="float16")
+
+
+def test_isa_levels_follow_the_cpu_flags_and_mistral7b_isa(monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    from mistral7b.errors import ConfigError
+
+    everything = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni"}
+    assert kernels.supported_isas(everything) == ["avx512vnni", "avxvnni", "avx2"]
+    assert kernels.supported_isas({"avx_vnni", "avx512f"}) == ["avxvnni", "avx2"]
+    assert kernels.supported_isas(set()) == ["avx2"]
+    monkeypatch.delenv("MISTRAL7B_ISA", raising=False)
+    assert kernels.chosen_isa(everything) == "avx512vnni"
+    monkeypatch.setenv("MISTRAL7B_ISA", "AVX2")
+    assert kernels.chosen_isa(everything) == "avx2"
+    monkeypatch.setenv("MISTRAL7B_ISA", "avx512vnni")
+    with pytest.raises(ConfigError, match="this CPU lacks it"):
+        kernels.chosen_isa({"avx_vnni"})
+    monkeypatch.setenv("MISTRAL7B_ISA", "sse2")
+    with pytest.raises(ConfigError, match="not one of avx512vnni, avxvnni, avx2"):
+        kernels.chosen_isa(everything)
+
+
+X8_FORMATS = {"Q4_0x8": "Q4_0", "Q4_1x8": "Q4_1", "Q8_0x8": "Q8_0", "Q4_Kx8": "Q4_K",
+              "Q5_Kx8": "Q5_K", "Q6_Kx8": "Q6_K"}
+
+
+@pytest.mark.parametrize("isa", [isa for isa in kernels.supported_isas() if isa != "avx2"]
+                         or [pytest.param("none", marks=pytest.mark.skip(
+                             reason="this CPU has no ISA level beyond AVX2"))])
+def test_every_isa_level_gives_the_avx2_numbers_bit_for_bit(isa: str) -> None:
+    """Each level this CPU can run (VNNI's fused dot products) against the AVX2 build: every
+    format, GGUF order and repacked, one activation row and several (the x8 tiles of four and
+    the rows left over)."""
+    from mistral7b.quant.formats import repack
+
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("no AVX2")
+    base, other = kernels.extension_for("avx2"), kernels.extension_for(isa)
+    assert base is not None and other is not None
+    assert (base.isa, other.isa) == ("avx2", isa)
+    for fmt in [*FORMATS, *X8_FORMATS]:
+        raw, _ = packed_weight(X8_FORMATS.get(fmt, fmt), 24, 512, seed=len(fmt))
+        if fmt in X8_FORMATS:
+            raw = repack(raw, X8_FORMATS[fmt])
+        ggml_type = FORMATS_BY_NAME[fmt].ggml_type
+        for m in (1, 3, 6):
+            x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))
+            assert torch.equal(other.qmatmul(x, raw, ggml_type),
+                               base.qmatmul(x, raw, ggml_type)), (fmt, m)
+        x = torch.randn(40, 512, generator=torch.Generator().manual_seed(40))   # pre-fill
+        assert torch.equal(other.prefill_matmul(x, raw, ggml_type),
+                           base.prefill_matmul(x, raw, ggml_type)), fmt

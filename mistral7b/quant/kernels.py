@@ -1,9 +1,11 @@
 """The one place that picks how a quantized matmul runs.
 
 Fast path: a C++ extension (csrc/: qmatmul.cpp for the matmuls, decode.cpp for a whole decode
-step; AVX2 + FMA + F16C) compiled on first use with torch.utils.cpp_extension and cached.
+step; AVX2 + FMA + F16C, plus VNNI's fused integer dot product where the CPU has AVX-512 VNNI
+or AVX-VNNI: see ISA_LEVELS) compiled on first use with torch.utils.cpp_extension and cached.
 Portable path: dequantize with PyTorch, then F.linear. The fast path is used when the CPU has
-AVX2, the extension builds, and MISTRAL7B_KERNELS is not set to "torch". The matmuls prefetch
+AVX2, the extension builds, and MISTRAL7B_KERNELS is not set to "torch"; MISTRAL7B_ISA=avx2
+(or avxvnni, avx512vnni) picks a level instead of the best the CPU has. The matmuls prefetch
 weights MISTRAL7B_PREFETCH_BYTES ahead (default: kDefaultPrefetchBytes in csrc/kernels.h;
 benchmarks/kernels.py measures other distances).
 
@@ -21,6 +23,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from mistral7b.errors import ConfigError
 from mistral7b.quant.build import build_extension
 from mistral7b.quant.formats import FORMATS, dequantize
 
@@ -44,11 +47,24 @@ PREFILL_INT_MAX_ROWS = 16
 CSRC = Path(__file__).parent / "csrc"
 KERNEL_FILES = [CSRC / name for name in ("kernels.h", "qmatmul.cpp", "prefill.cpp", "decode.cpp",
                                         "bindings.cpp")]
-KERNEL_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+# Auto-vectorised loops stay 256 bits wide in every build (the intrinsics are), so an AVX-512
+# build differs from the AVX2 one only where kernels.h asks for VNNI.
+KERNEL_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-mprefer-vector-width=256", "-fopenmp"]
 KERNEL_LDFLAGS = ["-fopenmp"]
 
+# The instruction-set levels the kernels are built for, best first: (name, extra compiler
+# flags, the /proc/cpuinfo flags the CPU must have). Each level is its own build (its own
+# cached folder); integer dot products are exact, so every level gives the same numbers.
+ISA_LEVELS = [
+    ("avx512vnni", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+     {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
+    ("avxvnni", ["-mavxvnni"], {"avx_vnni"}),
+    ("avx2", [], set()),
+]
+
 _lock = threading.Lock()
-_extension: ModuleType | None = None
+_extension: ModuleType | None = None         # what extension() returns
+_extensions: dict[str, ModuleType | None] = {}   # every level built so far
 _tried = False
 
 
@@ -56,8 +72,42 @@ def _cpu_has_avx2() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux names them (empty where /proc/cpuinfo is absent)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def supported_isas(flags: set[str] | None = None) -> list[str]:
+    """The ISA levels this CPU can run, best first (always ends with "avx2")."""
+    flags = cpu_flags() if flags is None else flags
+    return [name for name, _, needs in ISA_LEVELS if needs <= flags]
+
+
+def chosen_isa(flags: set[str] | None = None) -> str:
+    """The level extension() builds: MISTRAL7B_ISA when set and supported, else the best the CPU
+    has. An unknown or unsupported MISTRAL7B_ISA is an error naming the choices."""
+    supported = supported_isas(flags)
+    wanted = os.environ.get("MISTRAL7B_ISA", "").lower()
+    if not wanted:
+        return supported[0]
+    names = [name for name, _, _ in ISA_LEVELS]
+    if wanted not in names:
+        raise ConfigError(f"MISTRAL7B_ISA={wanted!r} is not one of {', '.join(names)}")
+    if wanted not in supported:
+        raise ConfigError(f"MISTRAL7B_ISA={wanted}: this CPU lacks it (it has "
+                         f"{', '.join(supported)})")
+    return wanted
+
+
 def extension() -> ModuleType | None:
-    """The compiled kernels, building them on first use; None when unavailable."""
+    """The compiled kernels for the chosen ISA level, building them on first use; None when
+    unavailable."""
     global _extension, _tried
     if _tried:
         return _extension
@@ -69,21 +119,34 @@ def extension() -> ModuleType | None:
         elif not _cpu_has_avx2():
             log.warning("this CPU has no AVX2: using the portable (slower) PyTorch kernels")
         else:
-            _extension = _build()
+            _extension = _build(chosen_isa())
             if _extension is not None and os.environ.get("MISTRAL7B_PREFETCH_BYTES"):
                 _extension.set_prefetch_bytes(int(os.environ["MISTRAL7B_PREFETCH_BYTES"]))
         _tried = True  # not on Ctrl-C during the build: the next call tries again
     return _extension
 
 
-def _build() -> ModuleType | None:
+def extension_for(isa: str) -> ModuleType | None:
+    """The kernels built for one ISA level (tests compare levels); None if it does not build.
+    The caller checks that the CPU supports it."""
+    with _lock:
+        return _build(isa)
+
+
+def _build(isa: str) -> ModuleType | None:
+    if isa in _extensions:
+        return _extensions[isa]
+    flags = next(flags for name, flags, _ in ISA_LEVELS if name == isa)
     try:
-        return build_extension("mistral7b_kernels", KERNEL_FILES, KERNEL_CFLAGS, KERNEL_LDFLAGS,
-                               announce="compiling the CPU kernels (first use; about 30 s)...")
+        ext = build_extension("mistral7b_kernels", KERNEL_FILES, KERNEL_CFLAGS + flags,
+                              KERNEL_LDFLAGS, announce=f"compiling the CPU kernels for {isa} "
+                              "(first use; about 30 s)...")
     except Exception as e:  # a missing compiler or headers: run, slower, rather than fail
-        log.warning("could not build the AVX2 kernels (%s); using the portable PyTorch "
-                    "kernels", e)
-        return None
+        log.warning("could not build the %s kernels (%s); using the portable PyTorch kernels",
+                    isa, e)
+        ext = None
+    _extensions[isa] = ext
+    return ext
 
 
 def dequantize_rows(raw: torch.Tensor, fmt: str) -> torch.Tensor:

@@ -12,8 +12,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefetch_bytes", &prefetch_bytes, "how far ahead the matmuls prefetch weights (bytes)");
   m.def("set_prefetch_bytes", &set_prefetch_bytes, "set the prefetch distance (0 = off)");
   m.def("stream_read", &stream_read, "read a uint8 buffer once, in parallel (bandwidth probe)");
+  m.attr("isa") = MISTRAL7B_ISA;
+  // module_local: builds for several ISAs can be loaded in one process (tests compare them)
   py::class_<DecodeModel>(m, "DecodeModel",
-                          "one model's weights for decode steps, token ids to logits (decode.cpp)")
+                          "one model's weights for decode steps, token ids to logits (decode.cpp)",
+                          py::module_local())
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<int64_t>,
                     torch::Tensor, int64_t, torch::Tensor, torch::Tensor, int64_t, int64_t,
                     int64_t, int64_t, double>())

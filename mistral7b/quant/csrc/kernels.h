@@ -9,6 +9,28 @@
 #include <cstdint>
 #include <vector>
 
+// The instruction set this build was compiled for (kernels.py builds one per ISA level and
+// loads the best the CPU has): "avx2", "avxvnni" or "avx512vnni".
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define MISTRAL7B_ISA "avx512vnni"
+#elif defined(__AVXVNNI__)
+#define MISTRAL7B_ISA "avxvnni"
+#else
+#define MISTRAL7B_ISA "avx2"
+#endif
+
+// acc + madd(a, b): each int32 lane of acc plus the two int16 products of that lane, wrapping
+// like the add. VNNI does it in one instruction (vpdpwssd); the result is the same integer.
+inline __m256i madd_add(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(acc, a, b);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+
 // The sum of the 8 floats of v.
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

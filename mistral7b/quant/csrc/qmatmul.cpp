@@ -215,7 +215,7 @@ void quantize_row_k(const float* x, XSuper* out, int64_t n_super) {
 inline __m256 dot_i16(__m256i w_lo, __m256i w_hi, const int16_t* xq) {
   const __m256i x_lo = load256(xq);
   const __m256i x_hi = load256(xq + 16);
-  const __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(w_lo, x_lo), _mm256_madd_epi16(w_hi, x_hi));
+  const __m256i sum = madd_add(_mm256_madd_epi16(w_lo, x_lo), w_hi, x_hi);
   return _mm256_cvtepi32_ps(sum);
 }
 
@@ -493,8 +493,7 @@ inline void dot_group_x8(const uint8_t* grp, const XBlock* x, int64_t n_blocks, 
         const __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
         for (int t = 0; t < MT; t++) {
           const int16_t* xq = x[t * n_blocks + b].q;
-          p[t][r] = _mm256_add_epi32(_mm256_madd_epi16(lo, load256(xq)),
-                                     _mm256_madd_epi16(hi, load256(xq + 16)));
+          p[t][r] = madd_add(_mm256_madd_epi16(lo, load256(xq)), hi, load256(xq + 16));
         }
       }
       for (int t = 0; t < MT; t++) sums[t] = reduce8(p[t]);
@@ -508,8 +507,8 @@ inline void dot_group_x8(const uint8_t* grp, const XBlock* x, int64_t n_blocks, 
         const __m256i hi = _mm256_srli_epi16(w, 4);
         for (int t = 0; t < MT; t++) {
           const int16_t* xq = x[t * n_blocks + b].q;
-          low[t] = _mm256_add_epi32(low[t], _mm256_madd_epi16(lo, broadcast_pair(xq + 2 * i)));
-          high[t] = _mm256_add_epi32(high[t], _mm256_madd_epi16(hi, broadcast_pair(xq + 16 + 2 * i)));
+          low[t] = madd_add(low[t], lo, broadcast_pair(xq + 2 * i));
+          high[t] = madd_add(high[t], hi, broadcast_pair(xq + 16 + 2 * i));
         }
       }
       for (int t = 0; t < MT; t++) sums[t] = _mm256_add_epi32(low[t], high[t]);
@@ -682,8 +681,8 @@ inline void dot_group_k_x8(const uint8_t* grp, const XBlock* x, const float* x_1
         int32_t pair0, pair1;  // activations (2i, 2i + 1) and (16 + 2i, 17 + 2i)
         std::memcpy(&pair0, xq + 2 * i, 4);
         std::memcpy(&pair1, xq + 16 + 2 * i, 4);
-        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(first, _mm256_set1_epi32(pair0)));
-        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(second, _mm256_set1_epi32(pair1)));
+        acc0 = madd_add(acc0, first, _mm256_set1_epi32(pair0));
+        acc1 = madd_add(acc1, second, _mm256_set1_epi32(pair1));
       }
       const __m256 xd = _mm256_set1_ps(xb[j].d);
       if constexpr (BASE != Q6_K) {  // one scale and min per run
