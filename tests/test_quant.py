@@ -342,3 +342,24 @@ def test_the_best_isa_level_gives_the_avx2_numbers_bit_for_bit(isa: str) -> None
         x = torch.randn(40, 512, generator=torch.Generator().manual_seed(40))   # pre-fill
         assert torch.equal(other.prefill_matmul(x, raw, ggml_type),
                            base.prefill_matmul(x, raw, ggml_type)), fmt
+
+
+def test_ab_builds_times_two_isa_levels_with_identical_logits() -> None:
+    """benchmarks/ab_builds.py in its smallest run: the AVX2 build and the CPU's best level
+    side by side in one process drive the default model to identical logits."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    best = kernels.supported_isas()[0]
+    if best == "avx2" or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no ISA level beyond AVX2")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ab_builds.py"
+    out = subprocess.run([sys.executable, str(script), "--isa", f"avx2,{best}", "--rounds", "1",
+                          "--decode", "1", "--tokens", "4", "--prefill", "", "--json"],
+                         check=True, capture_output=True, text=True, timeout=600)
+    results = json.loads(out.stdout)
+    assert results["max_logit_difference"] == 0.0
+    assert set(results["tokens_per_s"]) == {"avx2", best}
+    assert all(v["tg4 x1"][0] > 0 for v in results["tokens_per_s"].values())
