@@ -363,3 +363,30 @@ def test_ab_builds_times_two_isa_levels_with_identical_logits() -> None:
     assert results["max_logit_difference"] == 0.0
     assert set(results["tokens_per_s"]) == {"avx2", best}
     assert all(v["tg4 x1"][0] > 0 for v in results["tokens_per_s"].values())
+
+
+def test_a_level_that_does_not_build_falls_back_to_the_next(monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """A compiler without a level's flags costs that level only, unless MISTRAL7B_ISA named it."""
+    built: list[str] = []
+
+    def fake_build(isa: str) -> object:
+        built.append(isa)
+        return None if isa == "avx512vnni" else f"kernels for {isa}"
+
+    monkeypatch.setattr(kernels, "_build", fake_build)
+    monkeypatch.setattr(kernels, "supported_isas",
+                        lambda flags=None: ["avx512vnni", "avxvnni", "avx2"])
+    monkeypatch.setattr(kernels, "_cpu_has_avx2", lambda: True)
+    for name in ("MISTRAL7B_ISA", "MISTRAL7B_KERNELS", "MISTRAL7B_PREFETCH_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_extension", None)
+    assert kernels.extension() == "kernels for avxvnni"
+    assert built == ["avx512vnni", "avxvnni"]
+    built.clear()
+    monkeypatch.setenv("MISTRAL7B_ISA", "avx512vnni")
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_extension", None)
+    assert kernels.extension() is None
+    assert built == ["avx512vnni"]

@@ -136,7 +136,16 @@ def extension() -> ModuleType | None:
         elif not _cpu_has_avx2():
             log.warning("this CPU has no AVX2: using the portable (slower) PyTorch kernels")
         else:
-            _extension = _build(chosen_isa())
+            # The chosen level, else (a compiler without its flags) the next one down; a level
+            # that MISTRAL7B_ISA names explicitly gets no substitute.
+            isa, supported = chosen_isa(), supported_isas()
+            levels = [isa] if os.environ.get("MISTRAL7B_ISA") else supported[supported.index(isa):]
+            for level in levels:
+                _extension = _build(level)
+                if _extension is not None:
+                    break
+            if _extension is None:
+                log.warning("using the portable (slower) PyTorch kernels")
             if _extension is not None and os.environ.get("MISTRAL7B_PREFETCH_BYTES"):
                 _extension.set_prefetch_bytes(int(os.environ["MISTRAL7B_PREFETCH_BYTES"]))
         _tried = True  # not on Ctrl-C during the build: the next call tries again
@@ -159,8 +168,7 @@ def _build(isa: str) -> ModuleType | None:
                               KERNEL_LDFLAGS, announce=f"compiling the CPU kernels for {isa} "
                               "(first use; about 30 s)...")
     except Exception as e:  # a missing compiler or headers: run, slower, rather than fail
-        log.warning("could not build the %s kernels (%s); using the portable PyTorch kernels",
-                    isa, e)
+        log.warning("could not build the %s kernels (%s)", isa, e)
         ext = None
     _extensions[isa] = ext
     return ext
