@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/prefill_matmul.py                  # the default model's layers
     .venv/bin/python benchmarks/prefill_matmul.py --rows 8,16,24,48,128 --repeats 7
-    .venv/bin/python benchmarks/prefill_matmul.py --mistral-7b     # 7B-shaped Q4_0 matrices
+    .venv/bin/python benchmarks/prefill_matmul.py --mistral-7b     # 7B-shaped Q4_0x8 matrices
     .venv/bin/python benchmarks/prefill_matmul.py --json
 
 For each row count M it times, interleaved, three ways of computing the model's matmuls for M
@@ -44,7 +44,10 @@ def default_model_matrices() -> list[Matrix]:
 
 
 def mistral_7b_matrices() -> list[Matrix]:
-    """One random Q4_0 matrix of each of Mistral 7B's layer shapes (wqkv, wo, w13, w2)."""
+    """One random Q4_0 matrix of each of Mistral 7B's layer shapes (wqkv, wo, w13, w2),
+    repacked eight rows at a time as loading does (Q4_0x8)."""
+    from mistral7b.quant.formats import repack
+
     rng = np.random.default_rng(0)
     spec = FORMATS["Q4_0"]
     out = []
@@ -52,7 +55,7 @@ def mistral_7b_matrices() -> list[Matrix]:
         raw = rng.integers(0, 256, (n, spec.row_bytes(k)), dtype=np.uint8)
         blocks = raw.reshape(n, -1, spec.block_bytes)
         blocks[:, :, 0:2] = np.array([1e-3], np.float16).view(np.uint8)     # sane scales
-        out.append((torch.from_numpy(raw), spec.ggml_type, k))
+        out.append((repack(torch.from_numpy(raw), "Q4_0"), FORMATS["Q4_0x8"].ggml_type, k))
     return out
 
 
@@ -89,7 +92,7 @@ def main() -> None:
             row[f"{name} GFLOP/s"] = round(flops / statistics.median(runs) / 1e9, 1)
         results.append(row)
     header = {"cpu": cpu_name(), "threads": torch.get_num_threads(),
-              "matrices": "Mistral 7B shapes, Q4_0" if args.mistral_7b else "default model",
+              "matrices": "Mistral 7B shapes, Q4_0x8" if args.mistral_7b else "default model",
               "count": len(matrices)}
     if args.json:
         print(json.dumps({**header, "results": results}, indent=2))

@@ -199,7 +199,7 @@ def test_decode_steps_always_take_the_integer_kernel() -> None:
     layer.weight = raw
     assert torch.equal(layer(x[:, None]), integer[:, None])           # 64 sequences, 1 token
     assert torch.equal(layer(x), integer)                             # (B, dim): a decode batch
-    many = integer if kernels.integer_prefill(ext.isa, 64, 256, torch.float32) else prefill
+    many = integer if kernels.integer_prefill(ext.isa, 64, "Q4_1", torch.float32) else prefill
     assert torch.equal(layer(x[None]), many[None])                    # one sequence, 64 tokens
     small = kernels.PREFILL_INT_MAX_ROWS
     assert torch.equal(layer(x[None, :small]), integer[None, :small])
@@ -207,13 +207,14 @@ def test_decode_steps_always_take_the_integer_kernel() -> None:
 
 def test_pre_fill_chunks_take_the_integer_kernel_where_it_measured_faster() -> None:
     f32, bf16 = torch.float32, torch.bfloat16
-    small, long_k = kernels.PREFILL_INT_MAX_ROWS, kernels.PREFILL_INT_VNNI_MAX_K
-    assert all(kernels.integer_prefill(isa, small, 14336, f32) for isa in ("avx2", "avxvnni"))
-    assert not kernels.integer_prefill("avx2", small + 1, 576, f32)
-    assert kernels.integer_prefill("avx512vnni", 256, 576, f32)
-    assert kernels.integer_prefill("avxvnni", 256, long_k, f32)
-    assert not kernels.integer_prefill("avx512vnni", 256, 4096, f32)
-    assert not kernels.integer_prefill("avx512vnni", 256, 576, bf16)   # asked for bfloat16
+    small = kernels.PREFILL_INT_MAX_ROWS
+    assert all(kernels.integer_prefill(isa, small, "Q6_K", f32) for isa in ("avx2", "avxvnni"))
+    assert not kernels.integer_prefill("avx2", small + 1, "Q4_1x8", f32)
+    assert kernels.integer_prefill("avx512vnni", 256, "Q4_1x8", f32)
+    assert kernels.integer_prefill("avxvnni", 256, "Q4_Kx8", f32)
+    assert not kernels.integer_prefill("avx512vnni", 256, "Q6_Kx8", f32)
+    assert not kernels.integer_prefill("avx512vnni", 256, "Q4_1", f32)     # GGUF order
+    assert not kernels.integer_prefill("avx512vnni", 256, "Q4_1x8", bf16)   # asked for bfloat16
 
 
 def test_kernels_reject_shapes_that_are_not_whole_blocks() -> None:

@@ -43,23 +43,24 @@ FAST_FORMATS = {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16",
 # pre-fill kernel): 8 rows 33.1 / 39.4, 12: 48.4 / 50.0, 16: 64.9 / 62.6, 24: 98.3 / 84.4 in one
 # run; 8 rows 28.7 / 28.7, 12: 42.1 / 36.0, 16: 55.6 / 41.3 in another.
 PREFILL_INT_MAX_ROWS = 16
-# With VNNI (one instruction per integer multiply-add pair) the integer kernel stays ahead at
-# every chunk size while a weight group and a tile of activation rows fit in L1 (K up to
-# PREFILL_INT_VNNI_MAX_K); with a longer K the float32 pre-fill kernel wins even at 16 rows.
-# AMD EPYC Zen 5, 2 threads, benchmarks/prefill_matmul.py, ms, integer / pre-fill kernel: the
-# default model's 120 matrices (K = 576 and 1536), 32 rows 18.5 / 36.1, 128: 69.6 / 121.4;
-# Mistral 7B's shapes in Q4_0 (K = 4096 and 14336), 16 rows 44.1 / 38.0, 128: 343.4 / 254.1.
-# (The AVX2 build on the same CPU: 128 rows 133.4 / 121.4, so AVX2 keeps PREFILL_INT_MAX_ROWS.)
-PREFILL_INT_VNNI_MAX_K = 2048
+# With VNNI (one instruction per integer multiply-add pair) the integer kernel beats the
+# pre-fill kernel at every chunk size for most repacked formats. AMD EPYC Zen 5, 2 threads, ms,
+# integer / pre-fill kernel, 128 rows: the default model's 120 Q4_1x8 matrices 69.6 / 121.4
+# (benchmarks/prefill_matmul.py); one matrix of each of Mistral 7B's shapes, Q4_0x8 154.5 /
+# 260.2, Q4_1x8 141.4 / 258.1, Q8_0x8 208.7 / 262.8, Q4_Kx8 216.5 / 257.6, but Q5_Kx8 334.9 /
+# 270.7 and Q6_Kx8 340.0 / 266.8 (slower from ~32 rows), so those keep PREFILL_INT_MAX_ROWS,
+# as do the GGUF-order formats and the AVX2 build (default model, 128 rows: 133.4 / 121.4).
+PREFILL_INT_VNNI_FORMATS = {"Q4_0x8", "Q4_1x8", "Q8_0x8", "Q4_Kx8"}
 
 
-def integer_prefill(isa: str, rows: int, k: int, blas_dtype: torch.dtype) -> bool:
-    """Whether a pre-fill chunk of `rows` rows against a K-wide packed matrix takes the integer
-    kernel of the `isa` build (else the pre-fill kernel, or a bfloat16 BLAS matmul when
+def integer_prefill(isa: str, rows: int, fmt: str, blas_dtype: torch.dtype) -> bool:
+    """Whether a pre-fill chunk of `rows` rows against a packed matrix in `fmt` takes the
+    integer kernel of the `isa` build (else the pre-fill kernel, or a bfloat16 BLAS matmul when
     blas_dtype asks for it)."""
     if rows <= PREFILL_INT_MAX_ROWS:
         return True
-    return blas_dtype == torch.float32 and isa != "avx2" and k <= PREFILL_INT_VNNI_MAX_K
+    return blas_dtype == torch.float32 and isa != "avx2" and fmt in PREFILL_INT_VNNI_FORMATS
+
 
 CSRC = Path(__file__).parent / "csrc"
 KERNEL_FILES = [CSRC / name for name in ("kernels.h", "qmatmul.cpp", "prefill.cpp", "decode.cpp",
@@ -192,7 +193,7 @@ def linear(x: torch.Tensor, raw: torch.Tensor, fmt: str,
     bfloat16 BLAS matmul, ~2.5x faster on CPUs with AVX512-BF16 or AMX, at a cost in accuracy
     (see README)."""
     ext = extension() if fmt in FAST_FORMATS and x.device.type == "cpu" else None
-    if ext is not None and (decode or integer_prefill(ext.isa, x.shape[0], x.shape[1],
+    if ext is not None and (decode or integer_prefill(ext.isa, x.shape[0], fmt,
                                                      blas_dtype)):
         return ext.qmatmul(x, raw, FORMATS[fmt].ggml_type)
     if ext is not None and blas_dtype == torch.float32:
