@@ -38,14 +38,6 @@ from mistral7b.quant.build import build_extension
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def isa_flags(isa: str) -> list[str]:
-    for name, flags, _ in kernels.ISA_LEVELS:
-        if name == isa:
-            return kernels.KERNEL_CFLAGS + flags
-    raise SystemExit(f"unknown ISA level {isa!r}: one of "
-                     f"{', '.join(name for name, _, _ in kernels.ISA_LEVELS)}")
-
-
 def build_old(rev: str, isa: str, workdir: Path) -> ModuleType:
     """The kernels of commit `rev` (its csrc/ files), built under another module name. Builds
     whose DecodeModel binding is not module_local (before the ISA levels) get the class renamed,
@@ -66,7 +58,11 @@ def build_old(rev: str, isa: str, workdir: Path) -> ModuleType:
             text = text.replace("DecodeModel", "DecodeModelOld")
         (workdir / name).write_text(text)
         out.append(workdir / name)
-    ext = build_extension("mistral7b_kernels_ab", out, isa_flags(isa), kernels.KERNEL_LDFLAGS,
+    try:
+        cflags = kernels.isa_cflags(isa)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    ext = build_extension("mistral7b_kernels_ab", out, cflags, kernels.KERNEL_LDFLAGS,
                           announce=f"compiling {rev}'s kernels ({isa}) for the comparison...")
     if renamed:
         setattr(ext, "DecodeModel", ext.DecodeModelOld)  # noqa: B010 (a module's attribute)

@@ -37,6 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mistral7b import gpu_kernels
 from mistral7b.gpu_decode import gemv_config
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu import copy_bandwidth, sync
+
 SHAPES_7B = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096),
              "w2": (4096, 14336), "head": (32000, 4096)}
 SHAPES_TINY = {"wqkv": (96, 64), "w2": (64, 160), "head": (100, 64)}
@@ -49,25 +52,6 @@ def triton_gemv(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, block_n: int,
     N, K = w.shape
     gpu_kernels._gemv_kernel[(triton.cdiv(N, block_n),)](x, w, y, N, K, BLOCK_N=block_n,
                                                          BLOCK_K=block_k, num_warps=warps)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def copy_bandwidth(device: torch.device, nbytes: int) -> float:
-    """GB/s of a device-to-device copy, counting bytes read and written (best of 5)."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    best = math.inf
-    for _ in range(5):
-        sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * nbytes / best / 1e9
 
 
 def time_reads(run: Callable[[int], object], copies: int, rounds: int,

@@ -13,7 +13,7 @@ from gguf.quants import quantize as gguf_quantize
 import mistral7b
 from mistral7b.default_model import default_model_path
 from mistral7b.errors import InvalidArgumentError
-from mistral7b.quant import kernels
+from mistral7b.quant import formats, kernels
 from mistral7b.quant.formats import FORMATS as FORMATS_BY_NAME
 from mistral7b.quant.modules import QuantEmbedding, QuantLinear
 from tests.gguf_writer import random_k_blocks
@@ -312,8 +312,7 @@ def test_isa_levels_follow_the_cpu_flags_and_mistral7b_isa(monkeypatch: pytest.M
         kernels.chosen_isa(everything)
 
 
-X8_FORMATS = {"Q4_0x8": "Q4_0", "Q4_1x8": "Q4_1", "Q8_0x8": "Q8_0", "Q4_Kx8": "Q4_K",
-              "Q5_Kx8": "Q5_K", "Q6_Kx8": "Q6_K"}
+X8_FORMATS = formats.BASE                    # each x8 format and the one it repacks
 
 
 @pytest.mark.parametrize("isa", [isa for isa in kernels.supported_isas()[:1] if isa != "avx2"]

@@ -139,7 +139,8 @@ def extension() -> ModuleType | None:
         else:
             # The chosen level, else (a compiler without its flags) the next one down; a level
             # that MISTRAL7B_ISA names explicitly gets no substitute.
-            isa, supported = chosen_isa(), supported_isas()
+            flags = cpu_flags()
+            isa, supported = chosen_isa(flags), supported_isas(flags)
             levels = [isa] if os.environ.get("MISTRAL7B_ISA") else supported[supported.index(isa):]
             for level in levels:
                 _extension = _build(level)
@@ -160,12 +161,20 @@ def extension_for(isa: str) -> ModuleType | None:
         return _build(isa)
 
 
+def isa_cflags(isa: str) -> list[str]:
+    """The compiler flags of one ISA level's build (ValueError for an unknown level)."""
+    for name, flags, _ in ISA_LEVELS:
+        if name == isa:
+            return KERNEL_CFLAGS + flags
+    raise ValueError(f"unknown ISA level {isa!r}: one of "
+                     f"{', '.join(name for name, _, _ in ISA_LEVELS)}")
+
+
 def _build(isa: str) -> ModuleType | None:
     if isa in _extensions:
         return _extensions[isa]
-    flags = next(flags for name, flags, _ in ISA_LEVELS if name == isa)
     try:
-        ext = build_extension("mistral7b_kernels", KERNEL_FILES, KERNEL_CFLAGS + flags,
+        ext = build_extension("mistral7b_kernels", KERNEL_FILES, isa_cflags(isa),
                               KERNEL_LDFLAGS, announce=f"compiling the CPU kernels for {isa} "
                               "(first use; about 30 s)...")
     except Exception as e:  # a missing compiler or headers: run, slower, rather than fail

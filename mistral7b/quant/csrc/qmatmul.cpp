@@ -678,11 +678,9 @@ inline void dot_group_k_x8(const uint8_t* grp, const XBlock* x, const float* x_1
           first = _mm256_or_si256(first, bits_to_4(high, 2 * W * (i % C), W));
           second = _mm256_or_si256(second, bits_to_4(high, 2 * W * (i % C) + W, W));
         }
-        int32_t pair0, pair1;  // activations (2i, 2i + 1) and (16 + 2i, 17 + 2i)
-        std::memcpy(&pair0, xq + 2 * i, 4);
-        std::memcpy(&pair1, xq + 16 + 2 * i, 4);
-        acc0 = madd_add(acc0, first, _mm256_set1_epi32(pair0));
-        acc1 = madd_add(acc1, second, _mm256_set1_epi32(pair1));
+        // against activations (2i, 2i + 1) and (16 + 2i, 17 + 2i)
+        acc0 = madd_add(acc0, first, broadcast_pair(xq + 2 * i));
+        acc1 = madd_add(acc1, second, broadcast_pair(xq + 16 + 2 * i));
       }
       const __m256 xd = _mm256_set1_ps(xb[j].d);
       if constexpr (BASE != Q6_K) {  // one scale and min per run
