@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/prefill_matmul.py                  # the default model's layers
     .venv/bin/python benchmarks/prefill_matmul.py --rows 8,16,24,48,128 --repeats 7
     .venv/bin/python benchmarks/prefill_matmul.py --mistral-7b     # 7B-shaped Q4_0x8 matrices
+    .venv/bin/python benchmarks/prefill_matmul.py --mistral-7b --format Q6_K --rows 16,64,128
     .venv/bin/python benchmarks/prefill_matmul.py --json
 
 For each row count M it times, interleaved, three ways of computing the model's matmuls for M
@@ -21,7 +22,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +31,9 @@ from mistral7b.bench import cpu_name
 from mistral7b.quant import kernels
 from mistral7b.quant.formats import FORMATS
 from mistral7b.quant.modules import QuantLinear
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import random_matrix  # benchmarks/kernels.py
 
 Matrix = tuple[torch.Tensor, int, int]     # packed weight, ggml type, in features
 
@@ -43,33 +46,27 @@ def default_model_matrices() -> list[Matrix]:
             if isinstance(m, QuantLinear)]
 
 
-def mistral_7b_matrices() -> list[Matrix]:
-    """One random Q4_0 matrix of each of Mistral 7B's layer shapes (wqkv, wo, w13, w2),
-    repacked eight rows at a time as loading does (Q4_0x8)."""
-    from mistral7b.quant.formats import repack
-
-    rng = np.random.default_rng(0)
-    spec = FORMATS["Q4_0"]
-    out = []
-    for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
-        raw = rng.integers(0, 256, (n, spec.row_bytes(k)), dtype=np.uint8)
-        blocks = raw.reshape(n, -1, spec.block_bytes)
-        blocks[:, :, 0:2] = np.array([1e-3], np.float16).view(np.uint8)     # sane scales
-        out.append((repack(torch.from_numpy(raw), "Q4_0"), FORMATS["Q4_0x8"].ggml_type, k))
-    return out
+def mistral_7b_matrices(fmt: str) -> list[Matrix]:
+    """One random matrix of each of Mistral 7B's layer shapes (wqkv, wo, w13, w2) in `fmt`, a
+    GGUF format, repacked eight rows at a time as loading does where it has an x8 layout."""
+    packed = fmt + "x8" if fmt + "x8" in FORMATS else fmt
+    return [(random_matrix(packed, n, k), FORMATS[packed].ggml_type, k)
+            for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="8,12,16,24,32,48,64,128")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--mistral-7b", action="store_true", help="7B shapes, random Q4_0")
+    parser.add_argument("--mistral-7b", action="store_true", help="7B shapes, random weights")
+    parser.add_argument("--format", default="Q4_0",
+                        help="GGUF format of the --mistral-7b matrices (default: Q4_0)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     ext = kernels.extension()
     if ext is None:
         sys.exit("the C++ kernels are not available on this machine")
-    matrices = mistral_7b_matrices() if args.mistral_7b else default_model_matrices()
+    matrices = mistral_7b_matrices(args.format) if args.mistral_7b else default_model_matrices()
     ways: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
         "integer": ext.qmatmul,
         "prefill": ext.prefill_matmul,
@@ -91,8 +88,8 @@ def main() -> None:
             row[f"{name} ms"] = round(1e3 * statistics.median(runs), 1)
             row[f"{name} GFLOP/s"] = round(flops / statistics.median(runs) / 1e9, 1)
         results.append(row)
-    header = {"cpu": cpu_name(), "threads": torch.get_num_threads(),
-              "matrices": "Mistral 7B shapes, Q4_0x8" if args.mistral_7b else "default model",
+    matrix_names = f"Mistral 7B shapes, {args.format}" if args.mistral_7b else "default model"
+    header = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "matrices": matrix_names,
               "count": len(matrices)}
     if args.json:
         print(json.dumps({**header, "results": results}, indent=2))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from mistral7b.errors import ConfigError
 from mistral7b.quant.build import build_extension
-from mistral7b.quant.formats import FORMATS, dequantize
+from mistral7b.quant.formats import BASE, FORMATS, dequantize
 
 log = logging.getLogger("mistral7b")
 
@@ -44,13 +44,14 @@ FAST_FORMATS = {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16",
 # run; 8 rows 28.7 / 28.7, 12: 42.1 / 36.0, 16: 55.6 / 41.3 in another.
 PREFILL_INT_MAX_ROWS = 16
 # With VNNI (one instruction per integer multiply-add pair) the integer kernel beats the
-# pre-fill kernel at every chunk size for most repacked formats. AMD EPYC Zen 5, 2 threads, ms,
-# integer / pre-fill kernel, 128 rows: the default model's 120 Q4_1x8 matrices 69.6 / 121.4
-# (benchmarks/prefill_matmul.py); one matrix of each of Mistral 7B's shapes, Q4_0x8 154.5 /
-# 260.2, Q4_1x8 141.4 / 258.1, Q8_0x8 208.7 / 262.8, Q4_Kx8 216.5 / 257.6, but Q5_Kx8 334.9 /
-# 270.7 and Q6_Kx8 340.0 / 266.8 (slower from ~32 rows), so those keep PREFILL_INT_MAX_ROWS,
-# as do the GGUF-order formats and the AVX2 build (default model, 128 rows: 133.4 / 121.4).
-PREFILL_INT_VNNI_FORMATS = {"Q4_0x8", "Q4_1x8", "Q8_0x8", "Q4_Kx8"}
+# pre-fill kernel at every chunk size for the layouts repacked eight rows at a time (x8). AMD
+# EPYC Zen 5, 2 threads, ms, integer / pre-fill kernel, 128 rows: the default model's 120
+# Q4_1x8 matrices 69.6 / 121.4 (benchmarks/prefill_matmul.py); one matrix of each of Mistral
+# 7B's shapes (--mistral-7b --format F) Q4_0x8 154.5 / 260.2, Q4_1x8 141.4 / 258.1, Q8_0x8
+# 208.7 / 262.8, and with the K-quant tiles of four activation rows Q4_Kx8 150.5 / 251.8,
+# Q5_Kx8 157.5 / 264.2, Q6_Kx8 176.9 / 269.3 (16 rows: 18.8-22.0 / 40.9-51.2). The GGUF-order
+# formats and the AVX2 build (default model, 128 rows: 133.4 / 121.4; 7B's Q4_Kx8 275.8 / 265.3)
+# keep PREFILL_INT_MAX_ROWS.
 
 
 def integer_prefill(isa: str, rows: int, fmt: str, blas_dtype: torch.dtype) -> bool:
@@ -59,7 +60,7 @@ def integer_prefill(isa: str, rows: int, fmt: str, blas_dtype: torch.dtype) -> b
     blas_dtype asks for it)."""
     if rows <= PREFILL_INT_MAX_ROWS:
         return True
-    return blas_dtype == torch.float32 and isa != "avx2" and fmt in PREFILL_INT_VNNI_FORMATS
+    return blas_dtype == torch.float32 and isa != "avx2" and fmt in BASE
 
 
 CSRC = Path(__file__).parent / "csrc"
