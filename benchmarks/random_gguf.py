@@ -1,13 +1,14 @@
 """Write a GGUF file with Mistral 7B's shapes and random quantized blocks, for timing only.
 
     .venv/bin/python benchmarks/random_gguf.py /tmp/m7b-q4k.gguf [--format Q4_K]
-        [--output-format Q6_K] [--tiny]
+        [--output-format Q6_K] [--k-m] [--tiny]
     .venv/bin/python benchmarks/compare_llama_cpp.py --model /tmp/m7b-q4k.gguf \\
         --llama-python /path/to/python-with-llama_cpp -p 32 -n 32
 
 Real Mistral 7B weights are not available here, but speed does not depend on the values: this
 writes every matrix as random blocks of --format (with small float16 scales, so nothing is NaN),
-the output matrix in --output-format (Q6_K, as Q4_K_M files have it), and float32 norms. The
+the output matrix in --output-format (Q6_K, as Q4_K_M files have it), and float32 norms; --k-m
+also puts attn_v and ffn_down in Q6_K on the layers where Q4_K_M files have them so. The
 file has no vocabulary: `tokenizer.ggml.model` is "none", which llama.cpp needs in order to load
 it and mistral7b reads as "run on token ids". Both programs then time the same bytes side by
 side. The text is meaningless; the speed is real. --tiny writes a small model of the same kind
@@ -32,7 +33,15 @@ TINY = {"dim": 512, "n_layers": 2, "hidden_dim": 1024, "n_heads": 8, "n_kv_heads
         "vocab_size": 1000}
 
 
-def write(path: Path, shapes: dict[str, float], fmt: str, output_fmt: str, seed: int = 0) -> None:
+def more_bits(layer: int, n_layers: int) -> bool:
+    """The layers whose attn_v and ffn_down llama.cpp's Q4_K_M (and Q5_K_M) quantizes to Q6_K:
+    the first and last eighth, and every third layer between them."""
+    eighth = n_layers // 8
+    return layer < eighth or layer >= 7 * n_layers // 8 or (layer - eighth) % 3 == 2
+
+
+def write(path: Path, shapes: dict[str, float], fmt: str, output_fmt: str, seed: int = 0,
+          k_m_mix: bool = False) -> None:
     dim, hidden, vocab = int(shapes["dim"]), int(shapes["hidden_dim"]), int(shapes["vocab_size"])
     heads, kv_heads = int(shapes["n_heads"]), int(shapes["n_kv_heads"])
     head_dim = dim // heads
@@ -58,17 +67,19 @@ def write(path: Path, shapes: dict[str, float], fmt: str, output_fmt: str, seed:
     matrix("token_embd.weight", vocab, dim)
     writer.add_tensor("output_norm.weight", ones)
     matrix("output.weight", vocab, dim, output_fmt)
-    for layer in range(int(shapes["n_layers"])):
+    n_layers = int(shapes["n_layers"])
+    for layer in range(n_layers):
         prefix = f"blk.{layer}."
+        more = "Q6_K" if k_m_mix and more_bits(layer, n_layers) else fmt
         writer.add_tensor(prefix + "attn_norm.weight", ones)
         writer.add_tensor(prefix + "ffn_norm.weight", ones)
         matrix(prefix + "attn_q.weight", dim, dim)
         matrix(prefix + "attn_k.weight", kv_heads * head_dim, dim)
-        matrix(prefix + "attn_v.weight", kv_heads * head_dim, dim)
+        matrix(prefix + "attn_v.weight", kv_heads * head_dim, dim, more)
         matrix(prefix + "attn_output.weight", dim, dim)
         matrix(prefix + "ffn_gate.weight", hidden, dim)
         matrix(prefix + "ffn_up.weight", hidden, dim)
-        matrix(prefix + "ffn_down.weight", dim, hidden)
+        matrix(prefix + "ffn_down.weight", dim, hidden, more)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -81,8 +92,12 @@ def main() -> None:
     parser.add_argument("--format", choices=sorted(SCALE_OFFSETS), default="Q4_K")
     parser.add_argument("--output-format", choices=sorted(SCALE_OFFSETS), default="Q6_K")
     parser.add_argument("--tiny", action="store_true", help="a few-MB model of the same kind")
+    parser.add_argument("--k-m", action="store_true",
+                        help="as a Q4_K_M file: attn_v and ffn_down in Q6_K on the layers "
+                             "llama.cpp's mix gives more bits (half of Mistral 7B's 32)")
     args = parser.parse_args()
-    write(args.path, TINY if args.tiny else MISTRAL_7B, args.format, args.output_format)
+    write(args.path, TINY if args.tiny else MISTRAL_7B, args.format, args.output_format,
+          k_m_mix=args.k_m)
     print(f"wrote {args.path} ({args.path.stat().st_size / 2**30:.2f} GiB)")
 
 

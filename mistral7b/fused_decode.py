@@ -86,32 +86,44 @@ def gather(model: Transformer) -> DecodeWeights | None:
         return None
     # Per layer its two norm weights and its four packed projections (wqkv, wo, w13, w2), then
     # the embedding table, the final norm and the output head (a tied model's head is its
-    # embedding table).
+    # embedding table). A projection whose parts the model could not stack into one matrix
+    # (wq, wk, wv or w1, w3 in different formats: Q4_K_M files have wv in Q6_K on half of the
+    # layers) is passed as its parts, which the step stacks by rows.
     norms: list[torch.Tensor] = []
     matrices: list[torch.Tensor] = []
     types: list[int] = []
+    parts: list[int] = []
     for layer in model.layers:
         assert isinstance(layer, Block)
         attn, ffn = layer.attention, layer.feed_forward
+        projections = [[attn.wqkv] if attn.wqkv is not None else [attn.wq, attn.wk, attn.wv],
+                       [attn.wo],
+                       [ffn.w13] if ffn.w13 is not None else [ffn.w1, ffn.w3],
+                       [ffn.w2]]
+        packed = [[_matrix(p) for p in projection] for projection in projections]
         # Packed projections only: float models keep the Python layers.
-        projections = [_matrix(p) for p in (attn.wqkv, attn.wo, ffn.w13, ffn.w2)]
-        if any(p is None or p[1] == F32 for p in projections):
+        if any(p is None or p[1] == F32 for projection in packed for p in projection):
             return None
         for norm in (layer.attention_norm, layer.ffn_norm):
             if norm.weight.dtype != torch.float32:
                 return None
             norms.append(norm.weight.detach().contiguous())
-        for weight, ggml_type in filter(None, projections):
-            matrices.append(weight)
-            types.append(ggml_type)
+        for projection in packed:
+            parts.append(len(projection))
+            for weight, ggml_type in filter(None, projection):
+                matrices.append(weight)
+                types.append(ggml_type)
     embedding = _matrix(model.tok_embeddings)
     head = _matrix(model.output if model.output is not None else model.tok_embeddings)
     if embedding is None or head is None or model.norm.weight.dtype != torch.float32:
         return None
     cfg = model.config
+    # One matrix per projection: the arguments of every build (benchmarks/ab_builds.py loads
+    # older ones); parts only where a projection is stacked.
+    stacked = {"parts": parts} if any(n > 1 for n in parts) else {}
     step = ext.DecodeModel(norms, matrices, types, *embedding,
                            model.norm.weight.detach().contiguous(), *head, cfg.n_heads,
-                           cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps)
+                           cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps, **stacked)
     return DecodeWeights(step, cfg.head_dim, cfg.rope_theta)
 
 

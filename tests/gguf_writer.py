@@ -54,9 +54,11 @@ def random_k_blocks(rows: int, cols: int, qtype: GGMLQuantizationType, rng: np.r
 
 def write_gguf(model: torch.nn.Module, path: Path, qtype: GGMLQuantizationType,
                window: int | None = None, seed: int = 0,
-               strings: dict[str, str] | None = None) -> torch.nn.Module:
-    """Write `model` as a GGUF whose 2-D weights have type `qtype` (and the metadata `strings`);
-    returns the model with its weights replaced by what the file holds (dequantized), the
+               strings: dict[str, str] | None = None,
+               types: dict[str, GGMLQuantizationType] | None = None) -> torch.nn.Module:
+    """Write `model` as a GGUF whose 2-D weights have type `qtype` (and the metadata `strings`),
+    except those whose transformers name starts with a key of `types` (a mix, as Q4_K_M files
+    are); returns the model with its weights replaced by what the file holds (dequantized), the
     reference for that file."""
     cfg = model.config
     rng = np.random.default_rng(seed)
@@ -78,6 +80,7 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype: GGMLQuantizationType,
 
     state = model.state_dict()
     stored = {}
+    default = qtype
     for name, tensor in state.items():
         t = tensor.detach().float()
         if "q_proj" in name:
@@ -85,6 +88,8 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype: GGMLQuantizationType,
         elif "k_proj" in name:
             t = _to_interleaved(t, cfg.num_key_value_heads)
         array = t.numpy()
+        qtype = next((kind for key, kind in (types or {}).items() if name.startswith(key)),
+                     default)
         if array.ndim == 1 or qtype == GGMLQuantizationType.F32:
             data, kind = array.astype(np.float32), GGMLQuantizationType.F32
         elif qtype == GGMLQuantizationType.F16:

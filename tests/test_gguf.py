@@ -58,6 +58,36 @@ def test_each_tensor_type_matches_its_float_reference(tmp_path: Path, qtype: Q) 
     assert (packed - reference).abs().max().item() < 1e-3 * max(1.0, reference.abs().max().item())
 
 
+def test_a_mix_of_types_in_one_layer_decodes_in_the_fused_step(tmp_path: Path) -> None:
+    """Q4_K_M files store wv and w2 in Q6_K on half of Mistral 7B's layers, so wq, wk and wv
+    cannot be stacked into one matrix there (nor w1 and w3 when their types differ): the
+    one-call decode step takes such a projection as its parts. Two sequences decoded together,
+    teacher-forced, match transformers at every step on the weights the file holds."""
+    from mistral7b.cache import RollingCache
+    from mistral7b.generate import decode_step, prefill
+
+    path = tmp_path / "mix.gguf"
+    original = write_gguf(small_mistral(), path, Q.Q4_K, window=W,
+                          types={"model.layers.1.self_attn.v_proj": Q.Q6_K,
+                                 "model.layers.1.mlp.down_proj": Q.Q6_K,
+                                 "model.layers.0.mlp.up_proj": Q.Q8_0})
+    model = mistral7b.load(path).model
+    attention, ffn = model.layers[1].attention, model.layers[0].feed_forward
+    assert attention.wqkv is None and ffn.w13 is None
+    assert (attention.wv.fmt, ffn.w3.fmt) == ("Q6_Kx8", "Q8_0x8")
+    assert model._fused_decode_plan() is not None
+    sequences, start = [IDS[:40], IDS[40:80]], [7, 12]
+    cache = RollingCache(model.config, rows=2)
+    prefill(model, cache, [0, 1], [s[:n] for s, n in zip(sequences, start, strict=True)], 8)
+    steps = [decode_step(model, cache, [0, 1],
+                         [s[n + t] for s, n in zip(sequences, start, strict=True)])
+             for t in range(25)]   # past the window of 16
+    for b, (sequence, n) in enumerate(zip(sequences, start, strict=True)):
+        reference = hf_logits(original, sequence)[n:n + len(steps)]
+        ours = torch.stack([step[b] for step in steps])
+        assert (ours - reference).abs().max().item() < 1e-3 * max(1.0, reference.abs().max().item())
+
+
 @pytest.mark.parametrize("vocabulary", [{}, {"tokenizer.ggml.model": "none"}],
                          ids=["no tokenizer keys", "llama.cpp's no-vocabulary model"])
 def test_gguf_without_tokenizer_runs_on_token_ids(tmp_path: Path,

@@ -19,6 +19,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           py::module_local())
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<int64_t>,
                     torch::Tensor, int64_t, torch::Tensor, torch::Tensor, int64_t, int64_t,
-                    int64_t, int64_t, double>())
+                    int64_t, int64_t, double, std::vector<int64_t>>(),
+           py::arg("norms"), py::arg("weights"), py::arg("types"), py::arg("embedding"),
+           py::arg("embedding_type"), py::arg("final_norm"), py::arg("head"),
+           py::arg("head_type"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"),
+           py::arg("eps"), py::arg("parts") = std::vector<int64_t>{})
       .def("step", &DecodeModel::step, "one new token per sequence; (B, vocab) logits");
 }

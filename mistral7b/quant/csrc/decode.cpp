@@ -25,9 +25,11 @@
 //   g, u  = the two halves of a @ W13^T
 //   x    += (silu(g) * u) @ W2^T
 // and last logits = rms_norm(x) * final_norm @ head^T.
-// weights[4l .. 4l + 3] are Wqkv, Wo, W13, W2 in the ggml types types[4l .. 4l + 3]; the
-// embedding and the head are packed too, or float32 (type 0). The cache is written before
-// attending, which is safe for a single new token (see cache.py).
+// Projection 4l .. 4l + 3 is Wqkv, Wo, W13, W2. Each is one packed matrix, or several stacked
+// by rows (Stacked below: a GGUF file may store wq, wk and wv in different formats, as Q4_K_M
+// files do on half of Mistral 7B's layers, whose wv is Q6_K). The embedding and the head are
+// packed too, or float32 (type 0). The cache is written before attending, which is safe for a
+// single new token (see cache.py).
 
 #include "kernels.h"
 
@@ -311,6 +313,42 @@ void project(const float* x, int64_t M, int64_t K, const torch::Tensor& w, int64
   });
 }
 
+// The model's projections, each the matrices weights[first[p] .. first[p + 1]) (ggml types
+// types[..]) stacked by rows: y = x @ [W_0; W_1; ...]^T puts part i's outputs after those of
+// parts 0 .. i - 1.
+struct Stacked {
+  const std::vector<torch::Tensor>& weights;
+  const std::vector<int64_t>& types;
+  const std::vector<int64_t>& first;
+
+  int64_t rows(int64_t p) const {
+    int64_t n = 0;
+    for (int64_t i = first[p]; i < first[p + 1]; i++) n += weights[i].size(0);
+    return n;
+  }
+
+  // y (M, rows(p)) = x (M, K) @ projection p's matrices^T. With one part (or one row of x)
+  // each part writes its outputs in place; else each goes through `scratch` to its columns.
+  void project(const float* x, int64_t M, int64_t K, int64_t p, float* y,
+               std::vector<float>& scratch) const {
+    const int64_t N = rows(p);
+    int64_t offset = 0;
+    for (int64_t i = first[p]; i < first[p + 1]; i++) {
+      const int64_t n = weights[i].size(0);
+      if (M == 1 || first[p + 1] - first[p] == 1) {
+        ::project(x, M, K, weights[i], types[i], y + offset);
+      } else {
+        scratch.resize(M * n);
+        ::project(x, M, K, weights[i], types[i], scratch.data());
+        for (int64_t m = 0; m < M; m++) {
+          std::copy(scratch.data() + m * n, scratch.data() + (m + 1) * n, y + m * N + offset);
+        }
+      }
+      offset += n;
+    }
+  }
+};
+
 // Where each sequence's new token goes and which slots it sees: RollingCache.begin's arithmetic
 // for a one-token step (cache.py has a worked example). Row b of the batch is cache row row[b],
 // has seen start[b] positions and appends n_new[b] tokens: 1, or 0 for a row that only pads
@@ -364,9 +402,8 @@ StepPlan plan_step(const std::vector<int64_t>& rows, const std::vector<int64_t>&
 // Every layer over x (B, dim), in place, for the tokens `plan` places.
 template <class C>
 void run_layers(float* xp, int64_t B, int64_t dim, const StepPlan& plan,
-                const std::vector<torch::Tensor>& norms, const std::vector<torch::Tensor>& weights,
-                const std::vector<int64_t>& types, torch::Tensor& k_cache, torch::Tensor& v_cache,
-                int64_t H, double eps) {
+                const std::vector<torch::Tensor>& norms, const Stacked& weights,
+                torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t H, double eps) {
   const int64_t L = k_cache.size(0), R = k_cache.size(1), Hkv = k_cache.size(2);
   const int64_t S = k_cache.size(3), hd = k_cache.size(4), n_slots = plan.n_slots;
   const int64_t q_width = H * hd, kv_width = Hkv * hd, qkv_width = q_width + 2 * kv_width;
@@ -376,9 +413,9 @@ void run_layers(float* xp, int64_t B, int64_t dim, const StepPlan& plan,
   const int64_t* slot = plan.slot.data();
   const uint8_t* mk = plan.mask.data();
   const float* cs = plan.rope.data();
-  const int64_t hidden = weights[2].size(0) / 2;
+  const int64_t hidden = weights.rows(2) / 2;
   std::vector<float> a(B * std::max(dim, hidden)), qkv(B * qkv_width), attn(B * q_width);
-  std::vector<float> proj(B * dim), gate_up(B * 2 * hidden);
+  std::vector<float> proj(B * dim), gate_up(B * 2 * hidden), scratch;
   // Attention's per-chunk softmax statistics and outputs (see attend_chunk).
   const int64_t G = H / Hkv, n_chunks = (n_slots + kSlotChunk - 1) / kSlotChunk;
   std::vector<float> part_m(B * Hkv * n_chunks * G), part_l(part_m.size());
@@ -387,8 +424,8 @@ void run_layers(float* xp, int64_t B, int64_t dim, const StepPlan& plan,
   auto residual_add = [&]() {
     for (int64_t i = 0; i < B * dim; i++) xp[i] += proj[i];
   };
-  auto matmul = [&](const float* in, int64_t K, int64_t w, float* out) {
-    project(in, B, K, weights[w], types[w], out);
+  auto matmul = [&](const float* in, int64_t K, int64_t p, float* out) {
+    weights.project(in, B, K, p, out, scratch);
   };
 
   for (int64_t l = 0; l < L; l++) {
@@ -443,33 +480,57 @@ void run_layers(float* xp, int64_t B, int64_t dim, const StepPlan& plan,
 }
 
 // The layers' weights against the model's shape: dim, H query and Hkv kv heads of hd values.
-void check_layers(const std::vector<torch::Tensor>& norms,
-                  const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& types,
-                  int64_t dim, int64_t H, int64_t Hkv, int64_t hd) {
+void check_layers(const std::vector<torch::Tensor>& norms, const Stacked& weights, int64_t dim,
+                  int64_t H, int64_t Hkv, int64_t hd) {
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "DecodeModel: ", H, " heads do not group over ", Hkv,
               " kv heads");
   const int64_t L = static_cast<int64_t>(norms.size()) / 2;
   TORCH_CHECK(L > 0 && static_cast<int64_t>(norms.size()) == 2 * L &&
-              static_cast<int64_t>(weights.size()) == 4 * L &&
-              static_cast<int64_t>(types.size()) == 4 * L,
-              "DecodeModel: need 2 norms and 4 weights per layer");
+              static_cast<int64_t>(weights.first.size()) == 4 * L + 1,
+              "DecodeModel: need 2 norms and 4 projections per layer");
   const int64_t q_width = H * hd, qkv_width = q_width + 2 * Hkv * hd;
+  // each part of projection p: K inputs
+  const auto check = [&](int64_t p, int64_t K, const char* what) {
+    TORCH_CHECK(weights.first[p + 1] > weights.first[p], what, ": no matrix");
+    for (int64_t i = weights.first[p]; i < weights.first[p + 1]; i++) {
+      check_matrix(weights.weights[i], K, weights.types[i], what);
+    }
+  };
+  const int64_t w13_rows = weights.rows(2);
   for (int64_t l = 0; l < L; l++) {
     TORCH_CHECK(norms[2 * l].numel() == dim && norms[2 * l + 1].numel() == dim &&
                 norms[2 * l].scalar_type() == torch::kFloat32 &&
                 norms[2 * l + 1].scalar_type() == torch::kFloat32 &&
                 norms[2 * l].is_contiguous() && norms[2 * l + 1].is_contiguous(),
                 "DecodeModel: norm weights must be contiguous float32 of size dim");
-    check_matrix(weights[4 * l], dim, types[4 * l], "DecodeModel (wqkv)");
-    check_matrix(weights[4 * l + 1], q_width, types[4 * l + 1], "DecodeModel (wo)");
-    check_matrix(weights[4 * l + 2], dim, types[4 * l + 2], "DecodeModel (w13)");
-    TORCH_CHECK(weights[4 * l].size(0) == qkv_width && weights[4 * l + 1].size(0) == dim &&
-                weights[4 * l + 2].size(0) == weights[2].size(0) && weights[2].size(0) % 2 == 0,
+    check(4 * l, dim, "DecodeModel (wqkv)");
+    check(4 * l + 1, q_width, "DecodeModel (wo)");
+    check(4 * l + 2, dim, "DecodeModel (w13)");
+    TORCH_CHECK(weights.rows(4 * l) == qkv_width && weights.rows(4 * l + 1) == dim &&
+                weights.rows(4 * l + 2) == w13_rows && w13_rows % 2 == 0,
                 "DecodeModel: projection shapes do not match the model's heads");
-    check_matrix(weights[4 * l + 3], weights[4 * l + 2].size(0) / 2, types[4 * l + 3],
-                 "DecodeModel (w2)");
-    TORCH_CHECK(weights[4 * l + 3].size(0) == dim, "DecodeModel: w2 must have dim rows");
+    check(4 * l + 3, w13_rows / 2, "DecodeModel (w2)");
+    TORCH_CHECK(weights.rows(4 * l + 3) == dim, "DecodeModel: w2 must have dim rows");
   }
+}
+
+// first[p]: where projection p's matrices start in the weights (parts[p] of them; no parts:
+// one each).
+std::vector<int64_t> part_offsets(const std::vector<int64_t>& parts, int64_t n_weights) {
+  std::vector<int64_t> first{0};
+  if (parts.empty()) {
+    for (int64_t i = 1; i <= n_weights; i++) first.push_back(i);
+    return first;
+  }
+  for (int64_t n : parts) {
+    TORCH_CHECK(n > 0, "DecodeModel: a projection needs at least one matrix");
+    first.push_back(first.back() + n);
+  }
+  TORCH_CHECK(first.back() == n_weights, "DecodeModel: parts add up to ", first.back(),
+              " matrices, but ", n_weights, " were given");
+  TORCH_CHECK(static_cast<int64_t>(parts.size()) % 4 == 0,
+              "DecodeModel: need 4 projections per layer");
+  return first;
 }
 
 }  // namespace
@@ -478,8 +539,9 @@ DecodeModel::DecodeModel(std::vector<torch::Tensor> norms, std::vector<torch::Te
                          std::vector<int64_t> types, torch::Tensor embedding,
                          int64_t embedding_type, torch::Tensor final_norm, torch::Tensor head,
                          int64_t head_type, int64_t n_heads, int64_t n_kv_heads,
-                         int64_t head_dim, double eps)
+                         int64_t head_dim, double eps, const std::vector<int64_t>& parts)
     : norms_(std::move(norms)), weights_(std::move(weights)), types_(std::move(types)),
+      first_(part_offsets(parts, static_cast<int64_t>(weights_.size()))),
       embedding_(std::move(embedding)), embedding_type_(embedding_type),
       final_norm_(std::move(final_norm)), head_(std::move(head)), head_type_(head_type),
       n_heads_(n_heads), n_kv_heads_(n_kv_heads), head_dim_(head_dim), eps_(eps) {
@@ -489,7 +551,8 @@ DecodeModel::DecodeModel(std::vector<torch::Tensor> norms, std::vector<torch::Te
   const int64_t dim = final_norm_.numel();
   check_matrix(embedding_, dim, embedding_type_, "DecodeModel (embedding)");
   check_matrix(head_, dim, head_type_, "DecodeModel (output head)");
-  check_layers(norms_, weights_, types_, dim, n_heads_, n_kv_heads_, head_dim_);
+  TORCH_CHECK(types_.size() == weights_.size(), "DecodeModel: one ggml type per matrix");
+  check_layers(norms_, Stacked{weights_, types_, first_}, dim, n_heads_, n_kv_heads_, head_dim_);
 }
 
 torch::Tensor DecodeModel::step(torch::Tensor tokens, const std::vector<int64_t>& rows,
@@ -521,12 +584,12 @@ torch::Tensor DecodeModel::step(torch::Tensor tokens, const std::vector<int64_t>
   for (int64_t b = 0; b < B; b++) {
     embed_row(embedding_, embedding_type_, ids[b], dim, &x[b * dim]);
   }
+  const Stacked weights{weights_, types_, first_};
   if (kind == torch::kFloat16) {
-    run_layers<at::Half>(x.data(), B, dim, plan, norms_, weights_, types_, k_cache, v_cache,
-                         n_heads_, eps_);
+    run_layers<at::Half>(x.data(), B, dim, plan, norms_, weights, k_cache, v_cache, n_heads_,
+                         eps_);
   } else {
-    run_layers<float>(x.data(), B, dim, plan, norms_, weights_, types_, k_cache, v_cache,
-                      n_heads_, eps_);
+    run_layers<float>(x.data(), B, dim, plan, norms_, weights, k_cache, v_cache, n_heads_, eps_);
   }
   const float* w_norm = final_norm_.data_ptr<float>();
   for (int64_t b = 0; b < B; b++) rms_norm(&x[b * dim], w_norm, dim, eps_, &normed[b * dim]);

@@ -91,12 +91,15 @@ torch::Tensor repack_k(torch::Tensor raw, int64_t type);
 
 // decode.cpp: one whole decode step (token ids to logits) for one new token per sequence. A
 // DecodeModel holds one model's weights, checked once; step runs them over a rolling cache.
+// Each layer has 4 projections (wqkv, wo, w13, w2); parts[p] (default: 1 each) says how many
+// of `weights` projection p stacks by rows (a file's wq, wk, wv in different formats).
 class DecodeModel {
  public:
   DecodeModel(std::vector<torch::Tensor> norms, std::vector<torch::Tensor> weights,
               std::vector<int64_t> types, torch::Tensor embedding, int64_t embedding_type,
               torch::Tensor final_norm, torch::Tensor head, int64_t head_type, int64_t n_heads,
-              int64_t n_kv_heads, int64_t head_dim, double eps);
+              int64_t n_kv_heads, int64_t head_dim, double eps,
+              const std::vector<int64_t>& parts = {});
   torch::Tensor step(torch::Tensor tokens, const std::vector<int64_t>& rows,
                      const std::vector<int64_t>& starts, const std::vector<int64_t>& n_new,
                      int64_t window, torch::Tensor rope, const std::vector<int64_t>& rope_rows,
@@ -105,6 +108,8 @@ class DecodeModel {
  private:
   std::vector<torch::Tensor> norms_, weights_;   // per layer: 2 norms; wqkv, wo, w13, w2
   std::vector<int64_t> types_;                   // the weights' ggml types
+  std::vector<int64_t> first_;                   // projection p: weights_[first_[p] ..
+                                                 // first_[p + 1]), stacked by rows
   torch::Tensor embedding_;
   int64_t embedding_type_;
   torch::Tensor final_norm_, head_;
