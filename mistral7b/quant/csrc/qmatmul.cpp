@@ -602,10 +602,12 @@ void matmul_x8(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t
 // the same order whatever M is. Q4_K's integer sums are exact in float32 (< 32 * 15 * 32767 <
 // 2^24); Q5_K's and Q6_K's may round in their last bit.
 //
-// Several activation rows (batched decode, pre-fill) go through in tiles of kKTile rows, which
-// unpack each chunk of weights and each run's scales once for the tile, so that madd is the
-// bound there too. From memory on two Zen 5 cores (benchmarks/kernels.py, 4 rows), a row at a
-// time / tiles of four: Q4_Kx8 16.6 / 24.7 GB/s, Q5_Kx8 13.7 / 27.8, Q6_Kx8 15.8 / 30.0.
+// Several activation rows (batched decode, pre-fill) go through in tiles of kKTile rows (the
+// rows left over: one tile of 1-3), which unpack each chunk of weights and each run's scales
+// once for the tile, so that madd is the bound there too. From memory on two Zen 5 cores
+// (benchmarks/kernels.py, 4 rows), a row at a time / tiles of four: Q4_Kx8 16.6 / 24.7 GB/s,
+// Q5_Kx8 13.7 / 27.8, Q6_Kx8 15.8 / 30.0 (256-bit; 512-bit vectors, Lanes512 below, then
+// 32.7, 37.5 and 29.6).
 
 // Activation rows a K-quant x8 tile dots at once (matmul_k_x8).
 constexpr int kKTile = 4;
@@ -620,14 +622,6 @@ template <int64_t BASE>
 constexpr int kHighWidth = BASE == Q6_K ? 2 : 1;            // W: high bits per weight
 template <int64_t BASE>
 constexpr int kHighChunks = 4 / kHighWidth<BASE>;           // C: chunks per 16 bytes of them
-
-// Bits [from, from + width) of each 16-bit lane of v moved to [4, 4 + width), the rest zero.
-inline __m256i bits_to_4(__m256i v, int from, int width) {
-  const __m256i mask = _mm256_set1_epi16(static_cast<int16_t>(((1 << width) - 1) << 4));
-  if (from < 4) v = _mm256_slli_epi16(v, 4 - from);
-  if (from > 4) v = _mm256_srli_epi16(v, from - 4);
-  return _mm256_and_si256(v, mask);
-}
 
 // The 64 six-bit scales and mins of a Q4_K_X8 block, as bytes [run j][row r].
 inline void unpack_scales_x8(const uint8_t* packed, uint8_t sc[64], uint8_t mn[64]) {
@@ -646,99 +640,195 @@ inline void unpack_scales_x8(const uint8_t* packed, uint8_t sc[64], uint8_t mn[6
                                  _mm256_and_si256(_mm256_srli_epi16(w1, 2), bits45)));
 }
 
-template <bool SIGNED>   // 8 bytes at p -> 8 floats
-inline __m256 bytes8_to_floats(const uint8_t* p) {
-  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  return _mm256_cvtepi32_ps(SIGNED ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
-}
+// The vector operations dot_groups_k_x8 needs, for a vector of 32-bit lanes that holds
+// kGroups row groups side by side: 8 rows in a 256-bit vector (AVX2, AVX-VNNI), or two groups'
+// 16 rows in a 512-bit one (AVX-512). The 512-bit kernel does the same arithmetic per lane
+// with half the instructions: from cache on one Zen 5 core, 64 activation rows, Q4_Kx8 95 ->
+// 168 G multiply-adds/s, Q6_Kx8 83 -> 134; Mistral 7B's shapes at 128 rows (two cores,
+// benchmarks/prefill_matmul.py): Q4_Kx8 154.6 -> 90.9 ms, Q6_Kx8 173.9 -> 110.4. (It is used
+// from kNarrowRows + 1 activation rows: see there.)
+// `g` points at each group's bytes; `off` is where to read in each.
+struct Lanes256 {
+  using I = __m256i;
+  using F = __m256;
+  static constexpr int kGroups = 1;
 
-// The eight rows of a K-quant x8 group dotted with MT activation rows: out[8t + r] for row t,
-// whose runs are x + t * n_runs and whose sums of 16 activations (for Q6_K's offset of 32) are
+  static I widen(const uint8_t* const g[1], int64_t off) {   // 16 bytes -> 16 int16 lanes
+    return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g[0] + off)));
+  }
+  static I low4(I v) { return _mm256_and_si256(v, _mm256_set1_epi16(0x0F)); }
+  static I high4(I v) { return _mm256_srli_epi16(v, 4); }
+  // v | bits [from, from + width) of each 16-bit lane of h, moved to [4, 4 + width)
+  static I add_bits(I v, I h, int from, int width) {
+    if (from < 4) h = _mm256_slli_epi16(h, 4 - from);
+    if (from > 4) h = _mm256_srli_epi16(h, from - 4);
+    const I mask = _mm256_set1_epi16(static_cast<int16_t>(((1 << width) - 1) << 4));
+    return _mm256_or_si256(v, _mm256_and_si256(h, mask));
+  }
+  static I dot_pair(I acc, I w, const int16_t* x) { return madd_add(acc, w, broadcast_pair(x)); }
+  static I zero() { return _mm256_setzero_si256(); }
+  static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+  template <bool SIGNED>   // 8 bytes of each group -> floats
+  static F bytes_to_floats(const uint8_t* const g[1], int64_t off) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(g[0] + off));
+    return _mm256_cvtepi32_ps(SIGNED ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+  }
+  static F halves_to_floats(const uint8_t* const g[1], int64_t off) {   // 8 f16 of each group
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g[0] + off)));
+  }
+  static F fzero() { return _mm256_setzero_ps(); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static void store(float* out, F v) { _mm256_storeu_ps(out, v); }
+};
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+struct Lanes512 {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int kGroups = 2;
+
+  static __m256i pair128(const uint8_t* const g[2], int64_t off) {   // 16 bytes of each group
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(g[0] + off));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(g[1] + off));
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1);
+  }
+  static I widen(const uint8_t* const g[2], int64_t off) {
+    return _mm512_cvtepu8_epi16(pair128(g, off));
+  }
+  static I low4(I v) { return _mm512_and_si512(v, _mm512_set1_epi16(0x0F)); }
+  static I high4(I v) { return _mm512_srli_epi16(v, 4); }
+  static I add_bits(I v, I h, int from, int width) {
+    if (from < 4) h = _mm512_slli_epi16(h, 4 - from);
+    if (from > 4) h = _mm512_srli_epi16(h, from - 4);
+    const I mask = _mm512_set1_epi16(static_cast<int16_t>(((1 << width) - 1) << 4));
+    return _mm512_or_si512(v, _mm512_and_si512(h, mask));
+  }
+  static I dot_pair(I acc, I w, const int16_t* x) {
+    int32_t pair;
+    std::memcpy(&pair, x, 4);
+    return _mm512_dpwssd_epi32(acc, w, _mm512_set1_epi32(pair));
+  }
+  static I zero() { return _mm512_setzero_si512(); }
+  static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
+  static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  template <bool SIGNED>
+  static F bytes_to_floats(const uint8_t* const g[2], int64_t off) {
+    int64_t a, b;
+    std::memcpy(&a, g[0] + off, 8);
+    std::memcpy(&b, g[1] + off, 8);
+    const __m128i v = _mm_set_epi64x(b, a);
+    return _mm512_cvtepi32_ps(SIGNED ? _mm512_cvtepi8_epi32(v) : _mm512_cvtepu8_epi32(v));
+  }
+  static F halves_to_floats(const uint8_t* const g[2], int64_t off) {
+    return _mm512_cvtph_ps(pair128(g, off));
+  }
+  static F fzero() { return _mm512_setzero_ps(); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static void store(float* out, F v) { _mm512_storeu_ps(out, v); }
+};
+using KLanes = Lanes512;
+#else
+using KLanes = Lanes256;
+#endif
+
+// The rows of V::kGroups K-quant x8 groups (grp[0], ...) dotted with MT activation rows:
+// out[8 * V::kGroups * t + 8 * k + r] for row r of group k and activation row t, whose runs
+// are x + t * n_runs and whose sums of 16 activations (for Q6_K's offset of 32) are
 // x_16 + 2t * n_runs. Each chunk of weights, and each run's scales, is unpacked once for all MT
 // rows; each activation row's arithmetic is the same whatever MT is.
-template <int64_t BASE, int MT>
-inline void dot_group_k_x8(const uint8_t* grp, const XBlock* x, const float* x_16,
-                           int64_t n_blocks, float* out, int64_t distance) {
+template <class V, int64_t BASE, int MT>
+inline void dot_groups_k_x8(const uint8_t* const grp[V::kGroups], const XBlock* x,
+                            const float* x_16, int64_t n_blocks, float* out, int64_t distance) {
+  using I = typename V::I;
+  using F = typename V::F;
+  constexpr int G = V::kGroups;
   constexpr int64_t GB = kGroupBlock<BASE>;
   constexpr int W = kHighWidth<BASE>, C = kHighChunks<BASE>;
   const int64_t n_runs = 8 * n_blocks;
-  const __m256i low4 = _mm256_set1_epi16(0x0F);
-  __m256 total[MT], subtract[MT];
-  for (int t = 0; t < MT; t++) total[t] = subtract[t] = _mm256_setzero_ps();
-  alignas(32) uint8_t sc[64], mn[64];
+  F total[MT], subtract[MT];
+  for (int t = 0; t < MT; t++) total[t] = subtract[t] = V::fzero();
+  alignas(32) uint8_t sc[G][64], mn[G][64];   // [group][run j][row r]
+  const uint8_t* scp[G];
+  const uint8_t* mnp[G];
+  for (int k = 0; k < G; k++) {
+    scp[k] = sc[k];
+    mnp[k] = mn[k];
+  }
   for (int64_t b = 0; b < n_blocks; b++) {
-    const uint8_t* gb = grp + b * GB;
-    if (distance > 0) prefetch_lines(gb + distance, GB);   // a block's lines, distance ahead
-    if constexpr (BASE != Q6_K) unpack_scales_x8(gb + 32, sc, mn);
-    const uint8_t* nibbles = gb + kNibbles<BASE>;
-    __m256 block[MT], block_sub[MT];
-    for (int t = 0; t < MT; t++) block[t] = block_sub[t] = _mm256_setzero_ps();
+    const uint8_t* gb[G];
+    for (int k = 0; k < G; k++) {
+      gb[k] = grp[k] + b * GB;
+      if (distance > 0) prefetch_lines(gb[k] + distance, GB);   // a block's lines, ahead
+      if constexpr (BASE != Q6_K) unpack_scales_x8(gb[k] + 32, sc[k], mn[k]);
+    }
+    F block[MT], block_sub[MT];
+    for (int t = 0; t < MT; t++) block[t] = block_sub[t] = V::fzero();
     for (int j = 0; j < 8; j++) {
       const int64_t run = 8 * b + j;
-      __m256i acc0[MT], acc1[MT];
-      for (int t = 0; t < MT; t++) acc0[t] = acc1[t] = _mm256_setzero_si256();
-      [[maybe_unused]] __m256i high;   // the high bits of C chunks, a byte a lane
+      I acc0[MT], acc1[MT];
+      for (int t = 0; t < MT; t++) acc0[t] = acc1[t] = V::zero();
+      [[maybe_unused]] I high;   // the high bits of C chunks, a byte a lane
 #pragma GCC unroll 8
       for (int i = 0; i < 8; i++) {
-        const __m256i bytes = _mm256_cvtepu8_epi16(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibbles + 128 * j + 16 * i)));
-        __m256i first = _mm256_and_si256(bytes, low4), second = _mm256_srli_epi16(bytes, 4);
+        const I bytes = V::widen(gb, kNibbles<BASE> + 128 * j + 16 * i);
+        I first = V::low4(bytes), second = V::high4(bytes);
         if constexpr (BASE != Q4_K) {  // the high bits to bit 4 of each lane
-          if (i % C == 0) {
-            high = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
-                gb + kHighBits<BASE> + 16 * (8 / C) * j + 16 * (i / C))));
-          }
-          first = _mm256_or_si256(first, bits_to_4(high, 2 * W * (i % C), W));
-          second = _mm256_or_si256(second, bits_to_4(high, 2 * W * (i % C) + W, W));
+          if (i % C == 0) high = V::widen(gb, kHighBits<BASE> + 16 * (8 / C) * j + 16 * (i / C));
+          first = V::add_bits(first, high, 2 * W * (i % C), W);
+          second = V::add_bits(second, high, 2 * W * (i % C) + W, W);
         }
         // against activations (2i, 2i + 1) and (16 + 2i, 17 + 2i) of each row
         for (int t = 0; t < MT; t++) {
           const int16_t* xq = x[t * n_runs + run].q;
-          acc0[t] = madd_add(acc0[t], first, broadcast_pair(xq + 2 * i));
-          acc1[t] = madd_add(acc1[t], second, broadcast_pair(xq + 16 + 2 * i));
+          acc0[t] = V::dot_pair(acc0[t], first, xq + 2 * i);
+          acc1[t] = V::dot_pair(acc1[t], second, xq + 16 + 2 * i);
         }
       }
       if constexpr (BASE != Q6_K) {  // one scale and min per run
-        const __m256 scale = bytes8_to_floats<false>(sc + 8 * j),
-                     min = bytes8_to_floats<false>(mn + 8 * j);
+        const F scale = V::template bytes_to_floats<false>(scp, 8 * j),
+                min = V::template bytes_to_floats<false>(mnp, 8 * j);
         for (int t = 0; t < MT; t++) {
           const XBlock& xr = x[t * n_runs + run];
-          const __m256 sum = _mm256_cvtepi32_ps(_mm256_add_epi32(acc0[t], acc1[t]));
-          block[t] = _mm256_fmadd_ps(_mm256_mul_ps(scale, _mm256_set1_ps(xr.d)), sum, block[t]);
-          block_sub[t] = _mm256_fmadd_ps(min, _mm256_set1_ps(xr.s), block_sub[t]);
+          const F sum = V::to_float(V::add(acc0[t], acc1[t]));
+          block[t] = V::fmadd(V::mul(scale, V::set1(xr.d)), sum, block[t]);
+          block_sub[t] = V::fmadd(min, V::set1(xr.s), block_sub[t]);
         }
       } else {  // a scale per 16 weights: sub-blocks 2j (first halves) and 2j + 1
-        const uint8_t* s = gb + 16 + 16 * j;
-        const __m256 s0 = bytes8_to_floats<true>(s), s1 = bytes8_to_floats<true>(s + 8);
+        const F s0 = V::template bytes_to_floats<true>(gb, 16 + 16 * j),
+                s1 = V::template bytes_to_floats<true>(gb, 24 + 16 * j);
         for (int t = 0; t < MT; t++) {
-          const __m256 xd = _mm256_set1_ps(x[t * n_runs + run].d);
+          const F xd = V::set1(x[t * n_runs + run].d);
           const float* sums16 = x_16 + 2 * t * n_runs + 2 * run;
-          block[t] = _mm256_fmadd_ps(_mm256_mul_ps(s0, xd), _mm256_cvtepi32_ps(acc0[t]), block[t]);
-          block[t] = _mm256_fmadd_ps(_mm256_mul_ps(s1, xd), _mm256_cvtepi32_ps(acc1[t]), block[t]);
+          block[t] = V::fmadd(V::mul(s0, xd), V::to_float(acc0[t]), block[t]);
+          block[t] = V::fmadd(V::mul(s1, xd), V::to_float(acc1[t]), block[t]);
           // every weight carries -32 d sc: times its 16 activations' sum
-          block_sub[t] = _mm256_fmadd_ps(s0, _mm256_set1_ps(sums16[0]), block_sub[t]);
-          block_sub[t] = _mm256_fmadd_ps(s1, _mm256_set1_ps(sums16[1]), block_sub[t]);
+          block_sub[t] = V::fmadd(s0, V::set1(sums16[0]), block_sub[t]);
+          block_sub[t] = V::fmadd(s1, V::set1(sums16[1]), block_sub[t]);
         }
       }
     }
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb)));
-    [[maybe_unused]] __m256 dmin;
-    if constexpr (BASE != Q6_K) {
-      dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb + 16)));
-    } else {
-      dmin = _mm256_mul_ps(_mm256_set1_ps(32.f), d);
-    }
+    const F d = V::halves_to_floats(gb, 0);
+    const F dmin = BASE != Q6_K ? V::halves_to_floats(gb, 16) : V::mul(V::set1(32.f), d);
     for (int t = 0; t < MT; t++) {
-      total[t] = _mm256_fmadd_ps(d, block[t], total[t]);
-      subtract[t] = _mm256_fmadd_ps(dmin, block_sub[t], subtract[t]);
+      total[t] = V::fmadd(d, block[t], total[t]);
+      subtract[t] = V::fmadd(dmin, block_sub[t], subtract[t]);
     }
   }
-  for (int t = 0; t < MT; t++) _mm256_storeu_ps(out + 8 * t, _mm256_sub_ps(total[t], subtract[t]));
+  for (int t = 0; t < MT; t++) V::store(out + 8 * G * t, V::sub(total[t], subtract[t]));
 }
 
-template <int64_t BASE>
-void matmul_k_x8(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t N,
-                 int64_t row_bytes, float* yp) {
+// y = x @ W^T for a K-quant x8 matrix W, V::kGroups row groups per vector.
+template <int64_t BASE, class V>
+void matmul_k_x8_lanes(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t N,
+                       int64_t row_bytes, float* yp) {
+  constexpr int G = V::kGroups;
   const int64_t n_runs = K / QK, n_blocks = K / QK_K;
   std::vector<XBlock> xq(M * n_runs);
   std::vector<float> x_16(BASE == Q6_K ? M * 2 * n_runs : 0);
@@ -753,27 +843,56 @@ void matmul_k_x8(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64
       }
     }
   });
+  // Unit u is groups G u .. G u + G - 1; a last unit short of groups repeats its last one and
+  // drops those outputs.
   const int64_t distance = prefetch_bytes(), group_bytes = 8 * row_bytes;
-  at::parallel_for(0, N / 8, 2, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; g++) {
-      const uint8_t* grp = wp + g * group_bytes;
-      if (g == g0 && distance > 0) prefetch_lines(grp, distance);   // the stream's start
-      float out[8 * kKTile];
-      // Only the first tile prefetches: the others find the group in cache.
+  const int64_t n_groups = N / 8, n_units = (n_groups + G - 1) / G;
+  at::parallel_for(0, n_units, 2 / G, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; u++) {
+      const uint8_t* grp[G];
+      const int64_t groups = std::min<int64_t>(G, n_groups - G * u);
+      for (int k = 0; k < G; k++) {
+        grp[k] = wp + (G * u + std::min<int64_t>(k, groups - 1)) * group_bytes;
+        if (u == u0 && distance > 0) prefetch_lines(grp[k], distance);   // the stream's start
+      }
+      float out[8 * G * kKTile];
+      // Only the first tile prefetches: the others find the groups in cache.
       const auto tile = [&](auto mt, int64_t m) {
         constexpr int MT = decltype(mt)::value;
-        dot_group_k_x8<BASE, MT>(grp, xq.data() + m * n_runs,
-                                 BASE == Q6_K ? x_16.data() + m * 2 * n_runs : nullptr,
-                                 n_blocks, out, m == 0 ? distance : 0);
+        dot_groups_k_x8<V, BASE, MT>(grp, xq.data() + m * n_runs,
+                                     BASE == Q6_K ? x_16.data() + m * 2 * n_runs : nullptr,
+                                     n_blocks, out, m == 0 ? distance : 0);
         for (int t = 0; t < MT; t++) {
-          for (int r = 0; r < 8; r++) yp[(m + t) * N + 8 * g + r] = out[8 * t + r];
+          std::copy(out + 8 * G * t, out + 8 * G * t + 8 * groups, yp + (m + t) * N + 8 * G * u);
         }
       };
       int64_t m = 0;
       for (; m + kKTile <= M; m += kKTile) tile(std::integral_constant<int, kKTile>{}, m);
-      for (; m < M; m++) tile(std::integral_constant<int, 1>{}, m);
+      switch (M - m) {   // the rows left over, in one tile
+        case 3: tile(std::integral_constant<int, 3>{}, m); break;
+        case 2: tile(std::integral_constant<int, 2>{}, m); break;
+        case 1: tile(std::integral_constant<int, 1>{}, m); break;
+        default: break;
+      }
     }
   });
+}
+
+// Up to this many activation rows, matmul_k_x8 takes 256-bit vectors even where 512-bit ones
+// exist. Those read two groups' bytes side by side, two streams a thread, which memory serves
+// more slowly: from memory on two Zen 5 cores, Q4_Kx8 4096 x 4096, GB/s, 256 / 512 bits:
+// 1 row 41.1 / 35.6 (any prefetch distance), 2 rows 36.0 / 32.4, 3 rows 30.2 / 31.4, 4 rows
+// 25.2 / 31.7. Both give the same numbers.
+constexpr int64_t kNarrowRows = 2;
+
+template <int64_t BASE>
+void matmul_k_x8(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t N,
+                 int64_t row_bytes, float* yp) {
+  if (M <= kNarrowRows) {
+    matmul_k_x8_lanes<BASE, Lanes256>(xp, M, K, wp, N, row_bytes, yp);
+  } else {
+    matmul_k_x8_lanes<BASE, KLanes>(xp, M, K, wp, N, row_bytes, yp);
+  }
 }
 
 // Where weight t (< 32) of run j of row r of a K-quant x8 block lives: its chunk's byte (the
