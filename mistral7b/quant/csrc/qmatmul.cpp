@@ -468,185 +468,13 @@ inline __m256i reduce8(const __m256i p[8]) {
                           _mm256_permute2x128_si256(a, b, 0x31));
 }
 
-// The eight rows of group `grp` dotted with MT activation rows x[t * n_blocks ..]: out[8t + r].
-// Each weight row is unpacked once per block for all MT activation rows; each activation row's
-// arithmetic is the same whatever MT is.
-template <int64_t BASE, int MT>
-inline void dot_group_x8(const uint8_t* grp, const XBlock* x, int64_t n_blocks, float* out,
-                         int64_t distance) {
-  constexpr int64_t BB = kBlockBytes<BASE>;
-  constexpr int64_t HEAD = kX8Head<BASE>;
-  constexpr int64_t QB = BASE == Q8_0 ? 32 : 16;      // bytes of weights per row per block
-  __m256 acc[MT], extra[MT];
-  for (int t = 0; t < MT; t++) acc[t] = extra[t] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < n_blocks; b++) {
-    const uint8_t* gb = grp + b * 8 * BB;
-    // a few lines a block, `distance` ahead: a steady stream, no bursts
-    if (distance > 0) prefetch_lines(gb + distance, 8 * BB);
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb)));
-    __m256i sums[MT];   // the eight rows' integer dot products with activation row t
-    if constexpr (BASE == Q8_0) {
-      __m256i p[MT][8];
-      for (int r = 0; r < 8; r++) {
-        const uint8_t* q = gb + HEAD + r * QB;
-        const __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-        const __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
-        for (int t = 0; t < MT; t++) {
-          const int16_t* xq = x[t * n_blocks + b].q;
-          p[t][r] = madd_add(_mm256_madd_epi16(lo, load256(xq)), hi, load256(xq + 16));
-        }
-      }
-      for (int t = 0; t < MT; t++) sums[t] = reduce8(p[t]);
-    } else {
-      __m256i low[MT], high[MT];   // from the low and the high nibbles
-      for (int t = 0; t < MT; t++) low[t] = high[t] = _mm256_setzero_si256();
-      for (int i = 0; i < 8; i++) {
-        const __m256i w = _mm256_cvtepu8_epi16(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(gb + HEAD + 16 * i)));
-        const __m256i lo = _mm256_and_si256(w, _mm256_set1_epi16(0x0F));
-        const __m256i hi = _mm256_srli_epi16(w, 4);
-        for (int t = 0; t < MT; t++) {
-          const int16_t* xq = x[t * n_blocks + b].q;
-          low[t] = madd_add(low[t], lo, broadcast_pair(xq + 2 * i));
-          high[t] = madd_add(high[t], hi, broadcast_pair(xq + 16 + 2 * i));
-        }
-      }
-      for (int t = 0; t < MT; t++) sums[t] = _mm256_add_epi32(low[t], high[t]);
-    }
-    [[maybe_unused]] __m256 m;
-    if constexpr (BASE == Q4_1) {
-      m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gb + 16)));
-    }
-    for (int t = 0; t < MT; t++) {
-      const XBlock& xb = x[t * n_blocks + b];
-      const __m256 dx = _mm256_mul_ps(d, _mm256_set1_ps(xb.d));
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), dx, acc[t]);
-      if constexpr (BASE == Q4_1) {   // + m * sum(x)
-        extra[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(xb.s), extra[t]);
-      } else if constexpr (BASE == Q4_0) {   // - 8 d * sum(x)
-        extra[t] = _mm256_fmadd_ps(d, _mm256_set1_ps(-8.f * xb.s), extra[t]);
-      }
-    }
-  }
-  for (int t = 0; t < MT; t++) _mm256_storeu_ps(out + 8 * t, _mm256_add_ps(acc[t], extra[t]));
-}
-
-// y[m, n] for the row groups g in [g0, g1) (rows 8g..8g+7) and all M rows of x, four
-// activation rows at a time.
-template <int64_t BASE>
-void groups_kernel_x8(const uint8_t* w, int64_t row_bytes, int64_t n_blocks, const XBlock* xq,
-                      int64_t M, float* y, int64_t N, int64_t g0, int64_t g1) {
-  const int64_t distance = prefetch_bytes(), group_bytes = 8 * row_bytes;
-  for (int64_t g = g0; g < g1; g++) {
-    const uint8_t* grp = w + g * group_bytes;
-    if (g == g0 && distance > 0) prefetch_lines(grp, distance);   // the stream's start
-    float out[32];
-    int64_t m = 0;
-    // Only the first tile prefetches: the others find the group in cache. The prefetches may
-    // run past this thread's rows (or the matrix): they are hints, never faults.
-    for (; m + 4 <= M; m += 4) {
-      dot_group_x8<BASE, 4>(grp, xq + m * n_blocks, n_blocks, out, m == 0 ? distance : 0);
-      for (int t = 0; t < 4; t++) {
-        for (int r = 0; r < 8; r++) y[(m + t) * N + 8 * g + r] = out[8 * t + r];
-      }
-    }
-    for (; m < M; m++) {
-      dot_group_x8<BASE, 1>(grp, xq + m * n_blocks, n_blocks, out, m == 0 ? distance : 0);
-      for (int r = 0; r < 8; r++) y[m * N + 8 * g + r] = out[r];
-    }
-  }
-}
-
-template <int64_t BASE>
-void matmul_x8(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t N,
-               int64_t row_bytes, float* yp) {
-  const int64_t n_blocks = K / QK;
-  std::vector<XBlock> xq(M * n_blocks);
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; m++) quantize_row(xp + m * K, xq.data() + m * n_blocks, n_blocks);
-  });
-  at::parallel_for(0, N / 8, 2, [&](int64_t g0, int64_t g1) {
-    groups_kernel_x8<BASE>(wp, row_bytes, n_blocks, xq.data(), M, yp, N, g0, g1);
-  });
-}
-
-// ---- K-quants repacked eight rows at a time, the rows in the vector lanes --------------------
-//
-// The K-quant rows kernel (dot_k_block) spends 13-14 instructions on each run of 32 weights:
-// the integer dot product, then a conversion, a permute and an FMA for the run's own scale, and
-// the block's scales and mins unpacked in scalar code for every row. On two Zen 3 cores Q4_K
-// computes at only ~14 GB/s that way, so it cannot keep up with memory (11-12 GB/s from DRAM,
-// ~50-60% of the read bandwidth). The x8 layouts put each of the eight rows of a group in one
-// 32-bit lane instead. Block b of group g (rows 8g..8g+7):
-//
-//   Q4_K_X8 (8 x 144 bytes): f16 d[8] | f16 dmin[8] | scales[12][8] | nibbles
-//   Q5_K_X8 (8 x 176 bytes): f16 d[8] | f16 dmin[8] | scales[12][8] | nibbles | high bits
-//   Q6_K_X8 (8 x 210 bytes): f16 d[8] | int8 scales[16][8] | nibbles | high bits
-//
-//   scales[k][r]: byte k of row r's scale bytes (GGUF's, transposed);
-//   nibbles: 8 runs j x 8 chunks i x 16 bytes; byte 2r + e of chunk i of run j holds the low 4
-//     bits of weight 32j + 2i + e of row r in its low nibble and of weight 32j + 16 + 2i + e in
-//     its high nibble (e = 0, 1);
-//   high bits: the bits above the nibble, W per weight (Q5_K: 1, Q6_K: 2), for C chunks in 16
-//     bytes (C = 4 / W: 16 bytes per 4 chunks for Q5_K, per 2 for Q6_K); in the 16 bytes of
-//     chunks i (i / C = const) of run j, byte L holds lane L's (L = 2r + e) high bits of its
-//     first weight (32j + 2i + e) at bit 2W (i % C) and of its second (32j + 16 + 2i + e) at bit
-//     2W (i % C) + W.
-//
-// Widening a chunk's bytes to int16 puts row r's weight pair (2i, 2i + 1) in lanes 2r, 2r + 1,
-// so one madd with the activation pair broadcast gives each row's partial sum in its own 32-bit
-// lane: no horizontal reduction, and a run's scale is one vector over the rows. Per row and run
-// this is 2 madds and ~5 simple operations for Q4_K (~6 more for Q5_K and Q6_K, whose high bits
-// are spread too); madd, the multiply, is the bound. Activations are the 32-value runs of
-// quantize_row (natural order), one scale per run, so each activation row is computed alone, in
-// the same order whatever M is. Q4_K's integer sums are exact in float32 (< 32 * 15 * 32767 <
-// 2^24); Q5_K's and Q6_K's may round in their last bit.
-//
-// Several activation rows (batched decode, pre-fill) go through in tiles of kKTile rows (the
-// rows left over: one tile of 1-3), which unpack each chunk of weights and each run's scales
-// once for the tile, so that madd is the bound there too. From memory on two Zen 5 cores
-// (benchmarks/kernels.py, 4 rows), a row at a time / tiles of four: Q4_Kx8 16.6 / 24.7 GB/s,
-// Q5_Kx8 13.7 / 27.8, Q6_Kx8 15.8 / 30.0 (256-bit; 512-bit vectors, Lanes512 below, then
-// 32.7, 37.5 and 29.6).
-
-// Activation rows a K-quant x8 tile dots at once (matmul_k_x8).
-constexpr int kKTile = 4;
-
-template <int64_t BASE>
-constexpr int64_t kGroupBlock = 8 * kBlockBytes<BASE>;
-template <int64_t BASE>
-constexpr int64_t kNibbles = BASE == Q6_K ? 144 : 128;      // where the nibbles start
-template <int64_t BASE>
-constexpr int64_t kHighBits = kNibbles<BASE> + 1024;        // where the high bits start
-template <int64_t BASE>
-constexpr int kHighWidth = BASE == Q6_K ? 2 : 1;            // W: high bits per weight
-template <int64_t BASE>
-constexpr int kHighChunks = 4 / kHighWidth<BASE>;           // C: chunks per 16 bytes of them
-
-// The 64 six-bit scales and mins of a Q4_K_X8 block, as bytes [run j][row r].
-inline void unpack_scales_x8(const uint8_t* packed, uint8_t sc[64], uint8_t mn[64]) {
-  const __m256i low6 = _mm256_set1_epi8(0x3F), low4 = _mm256_set1_epi8(0x0F),
-                bits45 = _mm256_set1_epi8(0x30);
-  // bytes 0-3, 4-7 and 8-11 of the eight rows' packed scales (unpack_scales_mins's w[0..2])
-  const __m256i w0 = load256(packed), w1 = load256(packed + 32), w2 = load256(packed + 64);
-  const auto store = [](uint8_t* to, __m256i v) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), v);
-  };
-  store(sc, _mm256_and_si256(w0, low6));
-  store(mn, _mm256_and_si256(w1, low6));
-  store(sc + 32, _mm256_or_si256(_mm256_and_si256(w2, low4),
-                                 _mm256_and_si256(_mm256_srli_epi16(w0, 2), bits45)));
-  store(mn + 32, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(w2, 4), low4),
-                                 _mm256_and_si256(_mm256_srli_epi16(w1, 2), bits45)));
-}
-
-// The vector operations dot_groups_k_x8 needs, for a vector of 32-bit lanes that holds
-// kGroups row groups side by side: 8 rows in a 256-bit vector (AVX2, AVX-VNNI), or two groups'
-// 16 rows in a 512-bit one (AVX-512). The 512-bit kernel does the same arithmetic per lane
-// with half the instructions: from cache on one Zen 5 core, 64 activation rows, Q4_Kx8 95 ->
-// 168 G multiply-adds/s, Q6_Kx8 83 -> 134; Mistral 7B's shapes at 128 rows (two cores,
-// benchmarks/prefill_matmul.py): Q4_Kx8 154.6 -> 90.9 ms, Q6_Kx8 173.9 -> 110.4. (It is used
-// from kNarrowRows + 1 activation rows: see there.)
+// The vector operations of the x8 kernels with the rows in lanes (dot_groups_x8 for Q4_0/Q4_1,
+// dot_groups_k_x8), for a vector of 32-bit lanes that holds kGroups row groups side by side:
+// 8 rows in a 256-bit vector (AVX2, AVX-VNNI), or two groups' 16 rows in a 512-bit one
+// (AVX-512). The 512-bit kernels do the same arithmetic per lane with half the instructions:
+// from cache on one Zen 5 core, 64 activation rows, Q4_Kx8 95 -> 168 G multiply-adds/s, Q6_Kx8
+// 83 -> 134; Mistral 7B's shapes at 128 rows (two cores, benchmarks/prefill_matmul.py): Q4_Kx8
+// 154.6 -> 90.9 ms, Q6_Kx8 173.9 -> 110.4. They are used from kNarrowRows + 1 activation rows.
 // `g` points at each group's bytes; `off` is where to read in each.
 struct Lanes256 {
   using I = __m256i;
@@ -681,6 +509,7 @@ struct Lanes256 {
   static F set1(float v) { return _mm256_set1_ps(v); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fadd(F a, F b) { return _mm256_add_ps(a, b); }
   static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static void store(float* out, F v) { _mm256_storeu_ps(out, v); }
 };
@@ -730,6 +559,7 @@ struct Lanes512 {
   static F set1(float v) { return _mm512_set1_ps(v); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F fadd(F a, F b) { return _mm512_add_ps(a, b); }
   static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static void store(float* out, F v) { _mm512_storeu_ps(out, v); }
 };
@@ -737,6 +567,221 @@ using KLanes = Lanes512;
 #else
 using KLanes = Lanes256;
 #endif
+
+// Up to this many activation rows, the x8 kernels take 256-bit vectors even where 512-bit ones
+// exist. Those read two groups' bytes side by side, two streams a thread, which memory serves
+// more slowly: from memory on two Zen 5 cores, Q4_Kx8 4096 x 4096, GB/s, 256 / 512 bits:
+// 1 row 41.1 / 35.6 (any prefetch distance), 2 rows 36.0 / 32.4, 3 rows 30.2 / 31.4, 4 rows
+// 25.2 / 31.7. Both give the same numbers.
+constexpr int64_t kNarrowRows = 2;
+
+// Activation rows an x8 tile dots at once.
+constexpr int kTile = 4;
+
+// Runs tile(std::integral_constant<int, MT>{}, m) over the M activation rows: tiles of kTile
+// rows, then one tile of the 1-3 left over.
+template <class Tile>
+inline void for_each_tile(int64_t M, Tile&& tile) {
+  int64_t m = 0;
+  for (; m + kTile <= M; m += kTile) tile(std::integral_constant<int, kTile>{}, m);
+  switch (M - m) {
+    case 3: tile(std::integral_constant<int, 3>{}, m); break;
+    case 2: tile(std::integral_constant<int, 2>{}, m); break;
+    case 1: tile(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
+
+// Calls body(V{}) with the lanes that M activation rows take (see kNarrowRows).
+template <class Body>
+inline void with_lanes(int64_t M, Body&& body) {
+  if (M <= kNarrowRows) body(Lanes256{});
+  else body(KLanes{});
+}
+
+// The rows of V::kGroups groups (grp[0], ...) dotted with MT activation rows x[t * n_blocks ..]:
+// out[8 * V::kGroups * t + 8 * k + r] for row r of group k. Each weight row is unpacked once
+// per block for all MT activation rows; each activation row's arithmetic is the same whatever
+// MT is. Q8_0 (its rows not in lanes) takes one group a vector.
+template <class V, int64_t BASE, int MT>
+inline void dot_groups_x8(const uint8_t* const grp[V::kGroups], const XBlock* x,
+                          int64_t n_blocks, float* out, int64_t distance) {
+  using F = typename V::F;
+  constexpr int G = V::kGroups;
+  static_assert(BASE != Q8_0 || G == 1, "Q8_0_X8 keeps a row's weights together");
+  constexpr int64_t BB = kBlockBytes<BASE>;
+  constexpr int64_t HEAD = kX8Head<BASE>;
+  constexpr int64_t QB = BASE == Q8_0 ? 32 : 16;      // bytes of weights per row per block
+  F acc[MT], extra[MT];
+  for (int t = 0; t < MT; t++) acc[t] = extra[t] = V::fzero();
+  for (int64_t b = 0; b < n_blocks; b++) {
+    const uint8_t* gb[G];
+    for (int k = 0; k < G; k++) {
+      gb[k] = grp[k] + b * 8 * BB;
+      // a few lines a block, `distance` ahead: a steady stream, no bursts
+      if (distance > 0) prefetch_lines(gb[k] + distance, 8 * BB);
+    }
+    const F d = V::halves_to_floats(gb, 0);
+    typename V::I sums[MT];   // the rows' integer dot products with activation row t
+    if constexpr (BASE == Q8_0) {
+      __m256i p[MT][8];
+      for (int r = 0; r < 8; r++) {
+        const uint8_t* q = gb[0] + HEAD + r * QB;
+        const __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+        const __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
+        for (int t = 0; t < MT; t++) {
+          const int16_t* xq = x[t * n_blocks + b].q;
+          p[t][r] = madd_add(_mm256_madd_epi16(lo, load256(xq)), hi, load256(xq + 16));
+        }
+      }
+      for (int t = 0; t < MT; t++) sums[t] = reduce8(p[t]);
+    } else {
+      typename V::I low[MT], high[MT];   // from the low and the high nibbles
+      for (int t = 0; t < MT; t++) low[t] = high[t] = V::zero();
+      for (int i = 0; i < 8; i++) {
+        const auto w = V::widen(gb, HEAD + 16 * i);
+        const auto lo = V::low4(w), hi = V::high4(w);
+        for (int t = 0; t < MT; t++) {
+          const int16_t* xq = x[t * n_blocks + b].q;
+          low[t] = V::dot_pair(low[t], lo, xq + 2 * i);
+          high[t] = V::dot_pair(high[t], hi, xq + 16 + 2 * i);
+        }
+      }
+      for (int t = 0; t < MT; t++) sums[t] = V::add(low[t], high[t]);
+    }
+    [[maybe_unused]] F m;
+    if constexpr (BASE == Q4_1) m = V::halves_to_floats(gb, 16);
+    for (int t = 0; t < MT; t++) {
+      const XBlock& xb = x[t * n_blocks + b];
+      const F dx = V::mul(d, V::set1(xb.d));
+      acc[t] = V::fmadd(V::to_float(sums[t]), dx, acc[t]);
+      if constexpr (BASE == Q4_1) {   // + m * sum(x)
+        extra[t] = V::fmadd(m, V::set1(xb.s), extra[t]);
+      } else if constexpr (BASE == Q4_0) {   // - 8 d * sum(x)
+        extra[t] = V::fmadd(d, V::set1(-8.f * xb.s), extra[t]);
+      }
+    }
+  }
+  for (int t = 0; t < MT; t++) V::store(out + 8 * G * t, V::fadd(acc[t], extra[t]));
+}
+
+// Runs dot(grp, m, out) over every tile of M activation rows for the units u in [u0, u1) of
+// V::kGroups row groups each (unit u: groups G u .. G u + G - 1; a last unit short of groups
+// repeats its last one and drops those outputs), and stores out into y (M, N).
+template <class V, class Dot>
+void units_x8(const uint8_t* w, int64_t row_bytes, int64_t M, int64_t N, int64_t u0, int64_t u1,
+              float* y, Dot&& dot) {
+  constexpr int G = V::kGroups;
+  const int64_t distance = prefetch_bytes(), group_bytes = 8 * row_bytes, n_groups = N / 8;
+  for (int64_t u = u0; u < u1; u++) {
+    const uint8_t* grp[G];
+    const int64_t groups = std::min<int64_t>(G, n_groups - G * u);
+    for (int k = 0; k < G; k++) {
+      grp[k] = w + (G * u + std::min<int64_t>(k, groups - 1)) * group_bytes;
+      if (u == u0 && distance > 0) prefetch_lines(grp[k], distance);   // the stream's start
+    }
+    float out[8 * G * kTile];
+    // Only the first tile prefetches: the others find the groups in cache. The prefetches may
+    // run past this thread's rows (or the matrix): they are hints, never faults.
+    for_each_tile(M, [&](auto mt, int64_t m) {
+      constexpr int MT = decltype(mt)::value;
+      dot(grp, m, mt, out, m == 0 ? distance : 0);
+      for (int t = 0; t < MT; t++) {
+        std::copy(out + 8 * G * t, out + 8 * G * t + 8 * groups, y + (m + t) * N + 8 * G * u);
+      }
+    });
+  }
+}
+
+template <int64_t BASE>
+void matmul_x8(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t N,
+               int64_t row_bytes, float* yp) {
+  const int64_t n_blocks = K / QK;
+  std::vector<XBlock> xq(M * n_blocks);
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; m++) quantize_row(xp + m * K, xq.data() + m * n_blocks, n_blocks);
+  });
+  const auto run = [&](auto lanes) {
+    using V = decltype(lanes);
+    constexpr int G = V::kGroups;
+    at::parallel_for(0, (N / 8 + G - 1) / G, 2 / G, [&](int64_t u0, int64_t u1) {
+      units_x8<V>(wp, row_bytes, M, N, u0, u1, yp,
+                  [&](const uint8_t* const* grp, int64_t m, auto mt, float* out, int64_t dist) {
+                    dot_groups_x8<V, BASE, decltype(mt)::value>(grp, xq.data() + m * n_blocks,
+                                                                 n_blocks, out, dist);
+                  });
+    });
+  };
+  if constexpr (BASE == Q8_0) run(Lanes256{});
+  else with_lanes(M, run);
+}
+
+// ---- K-quants repacked eight rows at a time, the rows in the vector lanes --------------------
+//
+// The K-quant rows kernel (dot_k_block) spends 13-14 instructions on each run of 32 weights:
+// the integer dot product, then a conversion, a permute and an FMA for the run's own scale, and
+// the block's scales and mins unpacked in scalar code for every row. On two Zen 3 cores Q4_K
+// computes at only ~14 GB/s that way, so it cannot keep up with memory (11-12 GB/s from DRAM,
+// ~50-60% of the read bandwidth). The x8 layouts put each of the eight rows of a group in one
+// 32-bit lane instead. Block b of group g (rows 8g..8g+7):
+//
+//   Q4_K_X8 (8 x 144 bytes): f16 d[8] | f16 dmin[8] | scales[12][8] | nibbles
+//   Q5_K_X8 (8 x 176 bytes): f16 d[8] | f16 dmin[8] | scales[12][8] | nibbles | high bits
+//   Q6_K_X8 (8 x 210 bytes): f16 d[8] | int8 scales[16][8] | nibbles | high bits
+//
+//   scales[k][r]: byte k of row r's scale bytes (GGUF's, transposed);
+//   nibbles: 8 runs j x 8 chunks i x 16 bytes; byte 2r + e of chunk i of run j holds the low 4
+//     bits of weight 32j + 2i + e of row r in its low nibble and of weight 32j + 16 + 2i + e in
+//     its high nibble (e = 0, 1);
+//   high bits: the bits above the nibble, W per weight (Q5_K: 1, Q6_K: 2), for C chunks in 16
+//     bytes (C = 4 / W: 16 bytes per 4 chunks for Q5_K, per 2 for Q6_K); in the 16 bytes of
+//     chunks i (i / C = const) of run j, byte L holds lane L's (L = 2r + e) high bits of its
+//     first weight (32j + 2i + e) at bit 2W (i % C) and of its second (32j + 16 + 2i + e) at bit
+//     2W (i % C) + W.
+//
+// Widening a chunk's bytes to int16 puts row r's weight pair (2i, 2i + 1) in lanes 2r, 2r + 1,
+// so one madd with the activation pair broadcast gives each row's partial sum in its own 32-bit
+// lane: no horizontal reduction, and a run's scale is one vector over the rows. Per row and run
+// this is 2 madds and ~5 simple operations for Q4_K (~6 more for Q5_K and Q6_K, whose high bits
+// are spread too); madd, the multiply, is the bound. Activations are the 32-value runs of
+// quantize_row (natural order), one scale per run, so each activation row is computed alone, in
+// the same order whatever M is. Q4_K's integer sums are exact in float32 (< 32 * 15 * 32767 <
+// 2^24); Q5_K's and Q6_K's may round in their last bit.
+//
+// Several activation rows (batched decode, pre-fill) go through in tiles of kTile rows (the
+// rows left over: one tile of 1-3), which unpack each chunk of weights and each run's scales
+// once for the tile, so that madd is the bound there too. From memory on two Zen 5 cores
+// (benchmarks/kernels.py, 4 rows), a row at a time / tiles of four: Q4_Kx8 16.6 / 24.7 GB/s,
+// Q5_Kx8 13.7 / 27.8, Q6_Kx8 15.8 / 30.0 (256-bit; 512-bit vectors, Lanes512 below, then
+// 32.7, 37.5 and 29.6).
+
+template <int64_t BASE>
+constexpr int64_t kGroupBlock = 8 * kBlockBytes<BASE>;
+template <int64_t BASE>
+constexpr int64_t kNibbles = BASE == Q6_K ? 144 : 128;      // where the nibbles start
+template <int64_t BASE>
+constexpr int64_t kHighBits = kNibbles<BASE> + 1024;        // where the high bits start
+template <int64_t BASE>
+constexpr int kHighWidth = BASE == Q6_K ? 2 : 1;            // W: high bits per weight
+template <int64_t BASE>
+constexpr int kHighChunks = 4 / kHighWidth<BASE>;           // C: chunks per 16 bytes of them
+
+// The 64 six-bit scales and mins of a Q4_K_X8 block, as bytes [run j][row r].
+inline void unpack_scales_x8(const uint8_t* packed, uint8_t sc[64], uint8_t mn[64]) {
+  const __m256i low6 = _mm256_set1_epi8(0x3F), low4 = _mm256_set1_epi8(0x0F),
+                bits45 = _mm256_set1_epi8(0x30);
+  // bytes 0-3, 4-7 and 8-11 of the eight rows' packed scales (unpack_scales_mins's w[0..2])
+  const __m256i w0 = load256(packed), w1 = load256(packed + 32), w2 = load256(packed + 64);
+  const auto store = [](uint8_t* to, __m256i v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), v);
+  };
+  store(sc, _mm256_and_si256(w0, low6));
+  store(mn, _mm256_and_si256(w1, low6));
+  store(sc + 32, _mm256_or_si256(_mm256_and_si256(w2, low4),
+                                 _mm256_and_si256(_mm256_srli_epi16(w0, 2), bits45)));
+  store(mn + 32, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(w2, 4), low4),
+                                 _mm256_and_si256(_mm256_srli_epi16(w1, 2), bits45)));
+}
 
 // The rows of V::kGroups K-quant x8 groups (grp[0], ...) dotted with MT activation rows:
 // out[8 * V::kGroups * t + 8 * k + r] for row r of group k and activation row t, whose runs
@@ -824,11 +869,9 @@ inline void dot_groups_k_x8(const uint8_t* const grp[V::kGroups], const XBlock* 
   for (int t = 0; t < MT; t++) V::store(out + 8 * G * t, V::sub(total[t], subtract[t]));
 }
 
-// y = x @ W^T for a K-quant x8 matrix W, V::kGroups row groups per vector.
-template <int64_t BASE, class V>
-void matmul_k_x8_lanes(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t N,
-                       int64_t row_bytes, float* yp) {
-  constexpr int G = V::kGroups;
+template <int64_t BASE>
+void matmul_k_x8(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t N,
+                 int64_t row_bytes, float* yp) {
   const int64_t n_runs = K / QK, n_blocks = K / QK_K;
   std::vector<XBlock> xq(M * n_runs);
   std::vector<float> x_16(BASE == Q6_K ? M * 2 * n_runs : 0);
@@ -843,56 +886,19 @@ void matmul_k_x8_lanes(const float* xp, int64_t M, int64_t K, const uint8_t* wp,
       }
     }
   });
-  // Unit u is groups G u .. G u + G - 1; a last unit short of groups repeats its last one and
-  // drops those outputs.
-  const int64_t distance = prefetch_bytes(), group_bytes = 8 * row_bytes;
-  const int64_t n_groups = N / 8, n_units = (n_groups + G - 1) / G;
-  at::parallel_for(0, n_units, 2 / G, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; u++) {
-      const uint8_t* grp[G];
-      const int64_t groups = std::min<int64_t>(G, n_groups - G * u);
-      for (int k = 0; k < G; k++) {
-        grp[k] = wp + (G * u + std::min<int64_t>(k, groups - 1)) * group_bytes;
-        if (u == u0 && distance > 0) prefetch_lines(grp[k], distance);   // the stream's start
-      }
-      float out[8 * G * kKTile];
-      // Only the first tile prefetches: the others find the groups in cache.
-      const auto tile = [&](auto mt, int64_t m) {
-        constexpr int MT = decltype(mt)::value;
-        dot_groups_k_x8<V, BASE, MT>(grp, xq.data() + m * n_runs,
-                                     BASE == Q6_K ? x_16.data() + m * 2 * n_runs : nullptr,
-                                     n_blocks, out, m == 0 ? distance : 0);
-        for (int t = 0; t < MT; t++) {
-          std::copy(out + 8 * G * t, out + 8 * G * t + 8 * groups, yp + (m + t) * N + 8 * G * u);
-        }
-      };
-      int64_t m = 0;
-      for (; m + kKTile <= M; m += kKTile) tile(std::integral_constant<int, kKTile>{}, m);
-      switch (M - m) {   // the rows left over, in one tile
-        case 3: tile(std::integral_constant<int, 3>{}, m); break;
-        case 2: tile(std::integral_constant<int, 2>{}, m); break;
-        case 1: tile(std::integral_constant<int, 1>{}, m); break;
-        default: break;
-      }
-    }
+  with_lanes(M, [&](auto lanes) {
+    using V = decltype(lanes);
+    constexpr int G = V::kGroups;
+    at::parallel_for(0, (N / 8 + G - 1) / G, 2 / G, [&](int64_t u0, int64_t u1) {
+      units_x8<V>(wp, row_bytes, M, N, u0, u1, yp,
+                  [&](const uint8_t* const* grp, int64_t m, auto mt, float* out, int64_t dist) {
+                    dot_groups_k_x8<V, BASE, decltype(mt)::value>(
+                        grp, xq.data() + m * n_runs,
+                        BASE == Q6_K ? x_16.data() + m * 2 * n_runs : nullptr, n_blocks, out,
+                        dist);
+                  });
+    });
   });
-}
-
-// Up to this many activation rows, matmul_k_x8 takes 256-bit vectors even where 512-bit ones
-// exist. Those read two groups' bytes side by side, two streams a thread, which memory serves
-// more slowly: from memory on two Zen 5 cores, Q4_Kx8 4096 x 4096, GB/s, 256 / 512 bits:
-// 1 row 41.1 / 35.6 (any prefetch distance), 2 rows 36.0 / 32.4, 3 rows 30.2 / 31.4, 4 rows
-// 25.2 / 31.7. Both give the same numbers.
-constexpr int64_t kNarrowRows = 2;
-
-template <int64_t BASE>
-void matmul_k_x8(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t N,
-                 int64_t row_bytes, float* yp) {
-  if (M <= kNarrowRows) {
-    matmul_k_x8_lanes<BASE, Lanes256>(xp, M, K, wp, N, row_bytes, yp);
-  } else {
-    matmul_k_x8_lanes<BASE, KLanes>(xp, M, K, wp, N, row_bytes, yp);
-  }
 }
 
 // Where weight t (< 32) of run j of row r of a K-quant x8 block lives: its chunk's byte (the
@@ -1312,7 +1318,7 @@ void dequantize_rows_into(const uint8_t* wp, int64_t row_bytes, int64_t type, in
 }
 
 // K-quant rows (N, row_bytes) of ggml `type` (Q4_K, Q5_K, Q6_K), N a multiple of 8 -> its x8
-// layout (described above dot_group_k_x8; formats.py has the same in PyTorch, ~40x slower).
+// layout (described above dot_groups_k_x8; formats.py has the same in PyTorch, ~40x slower).
 torch::Tensor repack_k(torch::Tensor raw, int64_t type) {
   TORCH_CHECK(is_k_quant(type), "repack_k: Q4_K, Q5_K or Q6_K, got ggml type ", type);
   TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == torch::kUInt8 && raw.is_contiguous(),
