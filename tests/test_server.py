@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import openai
@@ -195,7 +196,7 @@ def test_sixteen_concurrent_streams_get_their_solo_text(srv: Running,
     with ThreadPoolExecutor(len(QUESTIONS)) as pool:
         together = list(pool.map(ask, QUESTIONS))
     assert together == alone
-    assert wait_until(lambda: srv.engine.stats().running == 0, 5)
+    assert wait_until(lambda: srv.engine.stats().running == 0, 30)
 
 
 # ---- status routes ------------------------------------------------------------------------
@@ -446,7 +447,18 @@ def test_engine_failure_is_a_500_for_that_request_only(srv: Running,
 
 # ---- disconnects, keep-alive, shutdown ----------------------------------------------------
 
-def test_client_disconnect_frees_the_row(srv: Running) -> None:
+def test_client_disconnect_frees_the_row(srv: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    reasons: list[str | None] = []      # how the engine ends the request
+    real_submit = srv.engine.submit
+
+    def submit(prompt: Any, params: Any, on_output: Any, *args: Any, **kwargs: Any) -> str:
+        def spy(out: Any) -> None:
+            if out.finished:
+                reasons.append(out.finish_reason)
+            on_output(out)
+        return real_submit(prompt, params, spy, *args, **kwargs)
+
+    monkeypatch.setattr(srv.engine, "submit", submit)
     body = {"prompt": "Count:", "max_tokens": 4000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
@@ -454,8 +466,11 @@ def test_client_disconnect_frees_the_row(srv: Running) -> None:
             if line.startswith("data: ") and '"text"' in line:
                 break
         assert srv.engine.stats().running == 1
-    # The connection is closed: the engine must drop the sequence within a second.
-    assert wait_until(lambda: srv.engine.stats().running == 0, 1.0)
+    # The connection is closed: the server cancels the request at its next send, and the engine
+    # drops the sequence (not after its 4000 tokens: the cancel is what ends it). The bound is
+    # generous, for slow shared CI machines.
+    assert wait_until(lambda: srv.engine.stats().running == 0 and bool(reasons), 30.0)
+    assert reasons == ["cancelled"]
     assert srv.engine.stats().free_rows == srv.engine.max_batch
 
 
