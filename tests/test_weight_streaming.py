@@ -146,6 +146,18 @@ def test_4_bit_repacking_puts_each_weight_in_its_rows_lanes(fmt: str) -> None:
                                raw[row, bb * block + 2 * f:bb * block + 2 * f + 2])
 
 
+def test_q8_0_repacking_puts_each_weight_in_its_rows_lanes() -> None:
+    """Q8_0x8: chunk i (0..15) of a block's weights holds row r's weights 2i, 2i + 1 at bytes
+    2r, 2r + 1; the eight f16 scales come first, row by row."""
+    raw, _ = packed_weight("Q8_0", 16, 96, seed=5)
+    groups = repack.repack(raw, "Q8_0").reshape(2, 3, 8 * 34)   # (group, block, 8 rows' bytes)
+    for row, block, v in [(0, 0, 0), (3, 1, 17), (7, 2, 31), (10, 2, 14), (15, 0, 1)]:
+        g, r = row // 8, row % 8
+        assert int(groups[g, block, 16 + 16 * (v // 2) + 2 * r + v % 2]) == \
+            int(raw[row, 34 * block + 2 + v]), (row, v)
+        assert torch.equal(groups[g, block, 2 * r:2 * r + 2], raw[row, 34 * block:34 * block + 2])
+
+
 def gguf_k_value(block: torch.Tensor, fmt: str, v: int) -> int:
     """Weight v of one GGUF K-quant block as its unsigned integer, read as the gguf package's
     dequantize does."""

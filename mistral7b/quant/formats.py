@@ -48,17 +48,17 @@ FORMATS = {f.name: f for f in (
 # Repacking (the x8 formats above): a format's repacked name, and the bytes of each field of one
 # of its blocks (scale, min, weights), which the x8 layout stores eight rows at a time. Block b
 # of rows 8g..8g+7 holds
-#   Q8_0x8: f16 d[8] | int8 q[8][32]                     row r's 32 weights at 32r
+#   Q8_0x8: f16 d[8] | weights (256 bytes)
 #   Q4_0x8: f16 d[8] | nibbles (128 bytes)
 #   Q4_1x8: f16 d[8] | f16 m[8] | nibbles (128 bytes)
-# the nibbles with the eight rows in vector lanes, as the K-quants' (below): chunk i (0..7) of
-# 16 bytes, whose byte 2r + e is row r's GGUF byte 2i + e (weight 2i + e in its low nibble,
-# weight 16 + 2i + e in its high one).
+# the weights with the eight rows in vector lanes, as the K-quants' (below): chunk i of 16
+# bytes (0..15 for Q8_0, 0..7 for the 4-bit formats), whose byte 2r + e is row r's GGUF weight
+# byte 2i + e (Q8_0: weight 2i + e; 4-bit: weight 2i + e in its low nibble, weight 16 + 2i + e
+# in its high one).
 REPACKED = {"Q4_0": "Q4_0x8", "Q4_1": "Q4_1x8", "Q8_0": "Q8_0x8", "Q4_K": "Q4_Kx8",
             "Q5_K": "Q5_Kx8", "Q6_K": "Q6_Kx8"}
 BASE = {x8: base for base, x8 in REPACKED.items()}
 _FIELDS = {"Q4_0": (2, 16), "Q4_1": (2, 2, 16), "Q8_0": (2, 32)}
-_NIBBLE_LANES = {"Q4_0", "Q4_1"}
 
 
 def repack(raw: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -72,10 +72,8 @@ def repack(raw: torch.Tensor, fmt: str) -> torch.Tensor:
     blocks = raw.reshape(g, 8, nb, bb)                             # (group, row, block, byte)
     *heads, weights = torch.split(blocks, list(_FIELDS[fmt]), dim=3)
     parts = [f.permute(0, 2, 1, 3).reshape(g, nb, -1) for f in heads]
-    if fmt in _NIBBLE_LANES:                                       # (g, b, i, r, e)
-        parts.append(weights.reshape(g, 8, nb, 8, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, -1))
-    else:
-        parts.append(weights.permute(0, 2, 1, 3).reshape(g, nb, -1))
+    # the weights to (g, b, chunk i, r, e)
+    parts.append(weights.reshape(g, 8, nb, -1, 2).permute(0, 2, 3, 1, 4).reshape(g, nb, -1))
     return torch.cat(parts, dim=2).reshape(n, row_bytes).contiguous()
 
 
@@ -90,10 +88,8 @@ def unrepack(raw: torch.Tensor, fmt_x8: str) -> torch.Tensor:
     groups = raw.reshape(g, nb, 8 * bb)                            # (group, block, 8 blocks)
     *heads, weights = torch.split(groups, [8 * size for size in _FIELDS[fmt]], dim=2)
     fields = [f.reshape(g, nb, 8, -1).permute(0, 2, 1, 3) for f in heads]  # (g, r, b, field)
-    if fmt in _NIBBLE_LANES:                                       # from (g, b, i, r, e)
-        fields.append(weights.reshape(g, nb, 8, 8, 2).permute(0, 3, 1, 2, 4).reshape(g, 8, nb, -1))
-    else:
-        fields.append(weights.reshape(g, nb, 8, -1).permute(0, 2, 1, 3))
+    # the weights from (g, b, chunk i, r, e)
+    fields.append(weights.reshape(g, nb, -1, 8, 2).permute(0, 3, 1, 2, 4).reshape(g, 8, nb, -1))
     return torch.cat(fields, dim=3).reshape(n, row_bytes).contiguous()
 
 

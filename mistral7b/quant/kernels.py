@@ -45,13 +45,12 @@ FAST_FORMATS = {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16",
 PREFILL_INT_MAX_ROWS = 16
 # With VNNI (one instruction per integer multiply-add pair) the integer kernel beats the
 # pre-fill kernel at every chunk size for the layouts repacked eight rows at a time (x8). AMD
-# EPYC Zen 5, 2 threads, ms, integer / pre-fill kernel, 128 rows: the default model's 120
-# Q4_1x8 matrices 69.6 / 121.4 (benchmarks/prefill_matmul.py); one matrix of each of Mistral
-# 7B's shapes (--mistral-7b --format F) Q4_0x8 154.5 / 260.2, Q4_1x8 141.4 / 258.1, Q8_0x8
-# 208.7 / 262.8, and with the K-quant tiles of four activation rows Q4_Kx8 150.5 / 251.8,
-# Q5_Kx8 157.5 / 264.2, Q6_Kx8 176.9 / 269.3 (16 rows: 18.8-22.0 / 40.9-51.2). The GGUF-order
-# formats and the AVX2 build (default model, 128 rows: 133.4 / 121.4; 7B's Q4_Kx8 275.8 / 265.3)
-# keep PREFILL_INT_MAX_ROWS.
+# EPYC Zen 5, 2 threads, ms, integer / pre-fill kernel, 128 rows, benchmarks/prefill_matmul.py:
+# the default model's 120 Q4_1x8 matrices 43.4 / 122.9; one matrix of each of Mistral 7B's
+# shapes (--mistral-7b --format F) Q4_0x8 88.1 / 259.9, Q4_1x8 86.9 / 267.5, Q8_0x8 95.8 /
+# 257.6, Q4_Kx8 90.7 / 264.7, Q5_Kx8 101.2 / 278.5, Q6_Kx8 110.2 / 275.0 (16 rows: 12.0-15.8 /
+# 40.0-53.6). The GGUF-order formats and the AVX2 build (default model, 128 rows: 133.4 /
+# 121.4; 7B's Q4_Kx8 275.8 / 265.3) keep PREFILL_INT_MAX_ROWS.
 
 
 def integer_prefill(isa: str, rows: int, fmt: str, blas_dtype: torch.dtype) -> bool:

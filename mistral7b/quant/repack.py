@@ -7,13 +7,12 @@ block b field by field: the eight scales, the eight mins (Q4_1), then the eight 
     Q4_1 rows r0..r7, block b:  d[r0..r7] (8 f16) | m[r0..r7] (8 f16) | nibbles (128 B)
 
 For the 32-value formats these are the same bytes in another order (the byte permutation is
-formats.repack, beside the formats). Q8_0 keeps each row's 32 weights together. Q4_0, Q4_1
-and the K-quants (Q4_K, Q5_K, Q6_K) interleave the eight rows' weights, two bytes of each row
-per 16-byte chunk, so that the kernel finds row r's weights in vector lanes 2r, 2r + 1 (the
-layouts are beside REPACKED and above _k_values in formats.py; why they are faster is in
-quant/csrc/qmatmul.cpp). Matrices are repacked once at load, when the C++ kernels are there
-and the rows come in eights. The C++ kernels read both layouts (matmul and dequantize); the
-portable path un-repacks a copy.
+formats.repack, beside the formats). Every format interleaves the eight rows' weights, two
+bytes of each row per 16-byte chunk, so that the kernel finds row r's weights in vector lanes
+2r, 2r + 1 (the layouts are beside REPACKED and above _k_values in formats.py; why they are
+faster is in quant/csrc/qmatmul.cpp). Matrices are repacked once at load, when the C++
+kernels are there and the rows come in eights. The C++ kernels read both layouts (matmul and
+dequantize); the portable path un-repacks a copy.
 """
 
 from __future__ import annotations

@@ -433,20 +433,23 @@ inline void dot_rows(const uint8_t* row, const XBlock* x, int64_t n_blocks, floa
 // holds the eight rows' block b field by field:
 //   Q4_0_X8: f16 d[8], nibbles[8][16]            (8 x 18 bytes)
 //   Q4_1_X8: f16 d[8], f16 m[8], nibbles[8][16]  (8 x 20 bytes)
-//   Q8_0_X8: f16 d[8], int8 q[8][32]             (8 x 34 bytes, row r's weights at 32r)
+//   Q8_0_X8: f16 d[8], int8 chunks[16][16]       (8 x 34 bytes)
 // so one F16C conversion gives the eight rows' scales and one FMA scales the eight rows' sums:
 // about half the instructions per block of the row-wise kernel, whose scalar per-block work
 // made Q4_0/Q4_1 arithmetic-bound (~10 GB/s on two Zen 3 cores).
 //
-// The 4-bit formats keep the rows in vector lanes, as the K-quants below: nibble chunk i (16
-// bytes) holds bytes 2i, 2i + 1 of each row, row r's at 2r, 2r + 1 (its weights 2i + e in the
-// low nibbles, 16 + 2i + e in the high ones). Widened to 16 bits, row r's pair of weights lies
-// in lanes 2r, 2r + 1, and one madd against the broadcast pair of activations leaves each row's
-// partial sum in its own 32-bit lane: 8 chunks a block, no horizontal reduction. Q8_0 keeps a
-// row's weights together and reduces the eight rows' products with hadd (reduce8). With the
-// rows in lanes the 4-bit kernel runs ~20% fewer instructions: on two Zen 3 cores it computes
-// 11-16% faster from cache, and 22% faster from memory with four activation rows (batched
-// decode); with one it was already as fast as memory, and stays so (BENCHMARKS.md).
+// The rows sit in vector lanes, as the K-quants' below: chunk i (16 bytes) holds bytes 2i,
+// 2i + 1 of each row, row r's at 2r, 2r + 1 (4-bit: its weights 2i + e in the low nibbles,
+// 16 + 2i + e in the high ones, 8 chunks a block; Q8_0: its weights 2i + e, 16 chunks).
+// Widened to 16 bits, row r's pair of weights lies in lanes 2r, 2r + 1, and one madd against
+// the broadcast pair of activations leaves each row's partial sum in its own 32-bit lane: no
+// horizontal reduction. With the rows in lanes the 4-bit kernel runs ~20% fewer instructions:
+// on two Zen 3 cores it computes 11-16% faster from cache, and 22% faster from memory with four
+// activation rows (batched decode); with one it was already as fast as memory, and stays so
+// (BENCHMARKS.md). Q8_0 kept a row's 32 weights together until session 13 and reduced the
+// eight rows' products with hadd; in lanes it is 1.2-2.1x as fast from memory on two Zen 5
+// cores (1, 2, 4, 16 rows: 37.0 / 45.0, 32.4 / 53.4, 30.9 / 48.4, 8.1 / 17.1 GB/s), and 2.2x
+// at 7B's shapes for 128 rows (217.3 -> 95.8 ms) with the 512-bit lanes below.
 //
 // Each activation row is computed alone, in the same order whatever M is, so batching still
 // changes no output. The integer sum of a block is exact, whichever way it is added up; as a
@@ -459,16 +462,7 @@ inline __m256i broadcast_pair(const int16_t* p) {
   return _mm256_set1_epi32(pair);
 }
 
-// Eight vectors of eight int32 -> one vector of their eight horizontal sums, in order.
-inline __m256i reduce8(const __m256i p[8]) {
-  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
-  // a: rows 0-3 from the low 128 bits, then rows 0-3 from the high ones; b likewise 4-7
-  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20),
-                          _mm256_permute2x128_si256(a, b, 0x31));
-}
-
-// The vector operations of the x8 kernels with the rows in lanes (dot_groups_x8 for Q4_0/Q4_1,
+// The vector operations of the x8 kernels with the rows in lanes (dot_groups_x8,
 // dot_groups_k_x8), for a vector of 32-bit lanes that holds kGroups row groups side by side:
 // 8 rows in a 256-bit vector (AVX2, AVX-VNNI), or two groups' 16 rows in a 512-bit one
 // (AVX-512). The 512-bit kernels do the same arithmetic per lane with half the instructions:
@@ -483,6 +477,9 @@ struct Lanes256 {
 
   static I widen(const uint8_t* const g[1], int64_t off) {   // 16 bytes -> 16 int16 lanes
     return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g[0] + off)));
+  }
+  static I widen_signed(const uint8_t* const g[1], int64_t off) {   // int8 -> int16
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g[0] + off)));
   }
   static I low4(I v) { return _mm256_and_si256(v, _mm256_set1_epi16(0x0F)); }
   static I high4(I v) { return _mm256_srli_epi16(v, 4); }
@@ -527,6 +524,9 @@ struct Lanes512 {
   }
   static I widen(const uint8_t* const g[2], int64_t off) {
     return _mm512_cvtepu8_epi16(pair128(g, off));
+  }
+  static I widen_signed(const uint8_t* const g[2], int64_t off) {
+    return _mm512_cvtepi8_epi16(pair128(g, off));
   }
   static I low4(I v) { return _mm512_and_si512(v, _mm512_set1_epi16(0x0F)); }
   static I high4(I v) { return _mm512_srli_epi16(v, 4); }
@@ -602,16 +602,14 @@ inline void with_lanes(int64_t M, Body&& body) {
 // The rows of V::kGroups groups (grp[0], ...) dotted with MT activation rows x[t * n_blocks ..]:
 // out[8 * V::kGroups * t + 8 * k + r] for row r of group k. Each weight row is unpacked once
 // per block for all MT activation rows; each activation row's arithmetic is the same whatever
-// MT is. Q8_0 (its rows not in lanes) takes one group a vector.
+// MT is.
 template <class V, int64_t BASE, int MT>
 inline void dot_groups_x8(const uint8_t* const grp[V::kGroups], const XBlock* x,
                           int64_t n_blocks, float* out, int64_t distance) {
   using F = typename V::F;
   constexpr int G = V::kGroups;
-  static_assert(BASE != Q8_0 || G == 1, "Q8_0_X8 keeps a row's weights together");
   constexpr int64_t BB = kBlockBytes<BASE>;
   constexpr int64_t HEAD = kX8Head<BASE>;
-  constexpr int64_t QB = BASE == Q8_0 ? 32 : 16;      // bytes of weights per row per block
   F acc[MT], extra[MT];
   for (int t = 0; t < MT; t++) acc[t] = extra[t] = V::fzero();
   for (int64_t b = 0; b < n_blocks; b++) {
@@ -623,21 +621,18 @@ inline void dot_groups_x8(const uint8_t* const grp[V::kGroups], const XBlock* x,
     }
     const F d = V::halves_to_floats(gb, 0);
     typename V::I sums[MT];   // the rows' integer dot products with activation row t
+    typename V::I low[MT], high[MT];   // Q8_0: weights 0-15 and 16-31; else the low and high
+    for (int t = 0; t < MT; t++) low[t] = high[t] = V::zero();   // nibbles
     if constexpr (BASE == Q8_0) {
-      __m256i p[MT][8];
-      for (int r = 0; r < 8; r++) {
-        const uint8_t* q = gb[0] + HEAD + r * QB;
-        const __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-        const __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
+      for (int i = 0; i < 16; i++) {
+        const auto w = V::widen_signed(gb, HEAD + 16 * i);
         for (int t = 0; t < MT; t++) {
           const int16_t* xq = x[t * n_blocks + b].q;
-          p[t][r] = madd_add(_mm256_madd_epi16(lo, load256(xq)), hi, load256(xq + 16));
+          if (i < 8) low[t] = V::dot_pair(low[t], w, xq + 2 * i);
+          else high[t] = V::dot_pair(high[t], w, xq + 2 * i);
         }
       }
-      for (int t = 0; t < MT; t++) sums[t] = reduce8(p[t]);
     } else {
-      typename V::I low[MT], high[MT];   // from the low and the high nibbles
-      for (int t = 0; t < MT; t++) low[t] = high[t] = V::zero();
       for (int i = 0; i < 8; i++) {
         const auto w = V::widen(gb, HEAD + 16 * i);
         const auto lo = V::low4(w), hi = V::high4(w);
@@ -647,8 +642,8 @@ inline void dot_groups_x8(const uint8_t* const grp[V::kGroups], const XBlock* x,
           high[t] = V::dot_pair(high[t], hi, xq + 16 + 2 * i);
         }
       }
-      for (int t = 0; t < MT; t++) sums[t] = V::add(low[t], high[t]);
     }
+    for (int t = 0; t < MT; t++) sums[t] = V::add(low[t], high[t]);
     [[maybe_unused]] F m;
     if constexpr (BASE == Q4_1) m = V::halves_to_floats(gb, 16);
     for (int t = 0; t < MT; t++) {
@@ -712,8 +707,7 @@ void matmul_x8(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t
                   });
     });
   };
-  if constexpr (BASE == Q8_0) run(Lanes256{});
-  else with_lanes(M, run);
+  with_lanes(M, run);
 }
 
 // ---- K-quants repacked eight rows at a time, the rows in the vector lanes --------------------
@@ -1112,11 +1106,12 @@ void dequantize_row_32(const uint8_t* wp, int64_t row_bytes, int64_t n_blocks, i
     const uint8_t* scale = X8 ? blk + 2 * r : blk;
     const uint8_t* min = X8 ? blk + 16 + 2 * r : blk + 2;
     const uint8_t* q = X8 ? blk + kX8Head<BASE> : blk + BB - QB;
-    alignas(16) uint8_t gathered[16];    // an x8 4-bit row's bytes from the 8 chunks' lanes
-    if constexpr (X8 && BASE == Q8_0) {
-      q += r * QB;
-    } else if constexpr (X8) {
-      _mm_store_si128(reinterpret_cast<__m128i*>(gathered), gather_pairs(q + 2 * r, 16, 1));
+    alignas(16) uint8_t gathered[QB];    // an x8 row's bytes from its lanes of the chunks
+    if constexpr (X8) {
+      for (int64_t h = 0; h < QB / 16; h++) {   // 8 chunks at a time
+        _mm_store_si128(reinterpret_cast<__m128i*>(gathered + 16 * h),
+                        gather_pairs(q + 128 * h + 2 * r, 16, 1));
+      }
       q = gathered;
     }
     const float d = half_to_float(scale);
