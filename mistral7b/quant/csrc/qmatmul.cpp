@@ -746,7 +746,7 @@ void matmul_x8(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t
 // rows left over: one tile of 1-3), which unpack each chunk of weights and each run's scales
 // once for the tile, so that madd is the bound there too. From memory on two Zen 5 cores
 // (benchmarks/kernels.py, 4 rows), a row at a time / tiles of four: Q4_Kx8 16.6 / 24.7 GB/s,
-// Q5_Kx8 13.7 / 27.8, Q6_Kx8 15.8 / 30.0 (256-bit; 512-bit vectors, Lanes512 below, then
+// Q5_Kx8 13.7 / 27.8, Q6_Kx8 15.8 / 30.0 (256-bit; 512-bit vectors, Lanes512 above, then
 // 32.7, 37.5 and 29.6).
 
 template <int64_t BASE>
